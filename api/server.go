@@ -1,0 +1,170 @@
+// Package api is tokend's HTTP interface: the chi router, its handlers and
+// middleware, and the one place where errors become status codes.
+//
+// Handlers are thin: decode, validate, one domain call, encode. No store,
+// Redis or JWT code lives here.
+package api
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/tokend/tokend/issuer"
+	"github.com/tokend/tokend/session"
+)
+
+// Sessions is what the API needs from the session domain; *session.Service
+// implements it.
+type Sessions interface {
+	Create(ctx context.Context, req session.CreateRequest) (session.Created, error)
+	Refresh(ctx context.Context, cookie string) (session.Token, error)
+	Logout(ctx context.Context, cookie string) (session.Session, error)
+	Get(ctx context.Context, sid string) (session.Session, error)
+	List(ctx context.Context, subject string, limit int) ([]session.Session, error)
+	Revoke(ctx context.Context, sid, reason string) (session.Session, error)
+	RevokeSubject(ctx context.Context, subject, reason string) ([]string, error)
+}
+
+// Keys publishes the verification keys; *issuer.Issuer implements it.
+type Keys interface {
+	JWKS() *issuer.JWKS
+}
+
+// Cookie describes the session cookie's attributes.
+type Cookie struct {
+	Name     string
+	Path     string
+	Domain   string
+	Secure   bool
+	SameSite http.SameSite
+}
+
+// Config is the API's share of tokend's configuration.
+type Config struct {
+	Cookie Cookie
+	// AllowedOrigins may call the cookie endpoints from a browser, with
+	// credentials. Same-origin requests are always allowed.
+	AllowedOrigins []string
+	ServiceKeys    []string
+	AdminKeys      []string
+	// JWKSMaxAge is the Cache-Control max-age of the JWKS document.
+	JWKSMaxAge time.Duration
+	// PreflightMaxAge is how long browsers may cache a CORS preflight.
+	PreflightMaxAge time.Duration
+}
+
+// Options are the dependencies of the server.
+type Options struct {
+	Logger   *slog.Logger
+	Sessions Sessions
+	Keys     Keys
+	Config   Config
+	// Ready reports whether the instance should receive traffic; nil means
+	// always. It turns false while draining.
+	Ready func() bool
+}
+
+type server struct {
+	log         *slog.Logger
+	sessions    Sessions
+	keys        Keys
+	cfg         Config
+	ready       func() bool
+	origins     map[string]bool
+	serviceKeys [][32]byte
+	adminKeys   [][32]byte
+	router      *chi.Mux
+}
+
+// NewServer returns the HTTP handler serving every tokend route.
+func NewServer(o Options) http.Handler {
+	s := &server{
+		log:         o.Logger,
+		sessions:    o.Sessions,
+		keys:        o.Keys,
+		cfg:         o.Config,
+		ready:       o.Ready,
+		origins:     make(map[string]bool),
+		serviceKeys: hashKeys(o.Config.ServiceKeys),
+		adminKeys:   hashKeys(o.Config.AdminKeys),
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.ready == nil {
+		s.ready = func() bool { return true }
+	}
+	if s.cfg.JWKSMaxAge <= 0 {
+		s.cfg.JWKSMaxAge = 5 * time.Minute
+	}
+	if s.cfg.PreflightMaxAge <= 0 {
+		s.cfg.PreflightMaxAge = 10 * time.Minute
+	}
+	for _, origin := range o.Config.AllowedOrigins {
+		s.origins[origin] = true
+	}
+	s.router = chi.NewRouter()
+	s.addRoutes(s.router)
+	return s.router
+}
+
+// addRoutes lists every route of the service.
+func (s *server) addRoutes(r *chi.Mux) {
+	r.Use(s.recoverPanics, s.requestID, s.accessLog)
+	r.NotFound(s.handleNotFound())
+	r.MethodNotAllowed(s.handleMethodNotAllowed(r))
+
+	r.Get("/healthz", s.handleHealthz())
+	r.Get("/readyz", s.handleReadyz())
+	r.Get("/.well-known/jwks.json", s.handleJWKS())
+
+	// Browser endpoints: authenticated by the session cookie, callable
+	// cross-origin by allowed origins only.
+	r.Group(func(r chi.Router) {
+		r.Use(s.checkOrigin)
+		r.Post("/v1/token", s.handleToken())
+		r.Options("/v1/token", s.handlePreflight("POST"))
+		r.Delete("/v1/session", s.handleLogout())
+		r.Options("/v1/session", s.handlePreflight("DELETE"))
+	})
+
+	// Application backends: service API key.
+	r.Group(func(r chi.Router) {
+		r.Use(s.requireKey(s.serviceKeys))
+		r.Post("/v1/sessions", s.handleCreateSession())
+	})
+
+	// Admins: admin API key.
+	r.Group(func(r chi.Router) {
+		r.Use(s.requireKey(s.adminKeys))
+		r.Get("/v1/admin/sessions", s.handleListSessions())
+		r.Get("/v1/admin/sessions/{sid}", s.handleGetSession())
+		r.Delete("/v1/admin/sessions/{sid}", s.handleRevokeSession())
+		r.Post("/v1/admin/subjects/{subject}/revoke", s.handleRevokeSubject())
+	})
+}
+
+func hashKeys(keys []string) [][32]byte {
+	out := make([][32]byte, len(keys))
+	for i, k := range keys {
+		out[i] = sha256.Sum256([]byte(k))
+	}
+	return out
+}
+
+// keyMatches compares the presented key against every configured key in
+// constant time, without stopping at the first match.
+func keyMatches(presented string, keys [][32]byte) bool {
+	h := sha256.Sum256([]byte(presented))
+	match := 0
+	for i := range keys {
+		match |= subtle.ConstantTimeCompare(h[:], keys[i][:])
+	}
+	return match == 1
+}

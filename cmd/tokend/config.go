@@ -1,0 +1,318 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/tokend/tokend/issuer"
+)
+
+// setting is one configuration variable. Each has an environment name and a
+// mirroring flag; a flag given on the command line wins.
+type setting struct {
+	env  string
+	def  string // shown in -help and README; "" means unset
+	help string
+}
+
+func (s setting) flag() string {
+	return strings.ReplaceAll(strings.ToLower(strings.TrimPrefix(s.env, "TOKEND_")), "_", "-")
+}
+
+// settings lists every variable tokend reads. README's configuration table
+// documents the same list.
+var settings = []setting{
+	{"TOKEND_ADDR", "127.0.0.1:8080", "listen address (host:port)"},
+	{"TOKEND_DEV", "", "dev mode: cookies without Secure, generated keys; default on only when nothing else is configured and the address is loopback"},
+	{"TOKEND_ISSUER", "", "iss of tokens, an absolute URL; required outside dev mode (dev: http://ADDR)"},
+	{"TOKEND_AUDIENCE", "", "aud of tokens, comma list; required outside dev mode (dev: tokend-dev)"},
+	{"TOKEND_TOKEN_TTL", "10m", "access token lifetime"},
+	{"TOKEND_SESSION_TTL", "8h", "default and maximum session life"},
+	{"TOKEND_SERVICE_KEYS", "", "bearer keys for POST /v1/sessions, comma list; required outside dev mode"},
+	{"TOKEND_ADMIN_KEYS", "", "bearer keys for /v1/admin, comma list; required outside dev mode"},
+	{"TOKEND_ALLOWED_ORIGINS", "", "browser origins allowed to call the cookie endpoints with credentials, comma list"},
+	{"TOKEND_COOKIE_NAME", "tokend_session", "session cookie name"},
+	{"TOKEND_COOKIE_PATH", "/v1", "session cookie Path"},
+	{"TOKEND_COOKIE_DOMAIN", "", "session cookie Domain (unset: host-only)"},
+	{"TOKEND_COOKIE_SAMESITE", "strict", "session cookie SameSite: strict, lax or none"},
+	{"TOKEND_SIGNING_ALG", "ES256", "signing algorithm of generated keys: ES256, EdDSA or RS256"},
+	{"TOKEND_SIGNING_KEY_FILE", "", "PEM private key to sign with instead of a generated one"},
+	{"TOKEND_JWKS_MAX_AGE", "5m", "Cache-Control max-age of the JWKS document"},
+	{"TOKEND_SESSION_RETENTION", "24h", "how long ended sessions stay visible to admins before they are purged"},
+	{"TOKEND_DRAIN_DELAY", "5s", "on shutdown, time between /readyz turning false and the listener closing (dev: 0s)"},
+	{"TOKEND_SHUTDOWN_TIMEOUT", "15s", "on shutdown, how long in-flight requests may take to finish"},
+	{"TOKEND_LOG_LEVEL", "info", "debug, info, warn or error"},
+	{"TOKEND_LOG_FORMAT", "", "json or text (default: text in dev mode, json otherwise)"},
+}
+
+// productionSettings are the variables whose presence means "this is a
+// configured deployment": with any of them set, dev mode is off unless
+// TOKEND_DEV says otherwise.
+var productionSettings = []string{
+	"TOKEND_ISSUER", "TOKEND_AUDIENCE", "TOKEND_SERVICE_KEYS", "TOKEND_ADMIN_KEYS",
+	"TOKEND_ALLOWED_ORIGINS", "TOKEND_SIGNING_KEY_FILE", "TOKEND_COOKIE_DOMAIN",
+}
+
+// config is tokend's whole configuration, validated.
+type config struct {
+	Addr              string
+	Dev               bool
+	Issuer            string
+	Audience          []string
+	TokenTTL          time.Duration
+	SessionTTL        time.Duration
+	ServiceKeys       []string
+	AdminKeys         []string
+	AllowedOrigins    []string
+	CookieName        string
+	CookiePath        string
+	CookieDomain      string
+	CookieSameSite    http.SameSite
+	SigningAlg        issuer.Algorithm
+	SigningKeyFile    string
+	JWKSMaxAge        time.Duration
+	SessionRetention  time.Duration
+	DrainDelay        time.Duration
+	ShutdownTimeout   time.Duration
+	LogLevel          string
+	LogFormat         string
+	generatedAPIKeys  bool // dev mode made up the service and admin keys
+	explicitDrainTime bool
+}
+
+// loadConfig reads flags and environment, and reports every problem at once.
+func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
+	fs := flag.NewFlagSet("tokend", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	flags := make(map[string]*string, len(settings))
+	for _, s := range settings {
+		help := fmt.Sprintf("%s (env %s", s.help, s.env)
+		if s.def != "" {
+			help += ", default " + s.def
+		}
+		flags[s.env] = fs.String(s.flag(), "", help+")")
+	}
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: tokend [flags]\n\nEvery flag mirrors an environment variable; a flag wins over its variable.")
+		tw := tabwriter.NewWriter(stderr, 2, 4, 2, ' ', 0)
+		for _, s := range settings {
+			def := s.def
+			if def == "" {
+				def = "-"
+			}
+			fmt.Fprintf(tw, "  -%s\t%s\t%s\t%s\n", s.flag(), s.env, def, s.help)
+		}
+		tw.Flush()
+	}
+	if err := fs.Parse(args); err != nil {
+		return config{}, err
+	}
+	if fs.NArg() > 0 {
+		return config{}, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	raw := func(env string) string {
+		for _, s := range settings {
+			if s.env == env && given[s.flag()] {
+				return strings.TrimSpace(*flags[env])
+			}
+		}
+		return strings.TrimSpace(getenv(env))
+	}
+	value := func(env string) string {
+		if v := raw(env); v != "" {
+			return v
+		}
+		for _, s := range settings {
+			if s.env == env {
+				return s.def
+			}
+		}
+		return ""
+	}
+
+	var problems []string
+	bad := func(format string, a ...any) { problems = append(problems, fmt.Sprintf(format, a...)) }
+	duration := func(env string, min, max time.Duration) time.Duration {
+		d, err := time.ParseDuration(value(env))
+		switch {
+		case err != nil:
+			bad("%s=%q is not a duration (e.g. 10m, 90s)", env, value(env))
+		case d < min || d > max:
+			bad("%s=%s must be between %s and %s", env, d, min, max)
+		}
+		return d
+	}
+
+	c := config{
+		Addr:             value("TOKEND_ADDR"),
+		Issuer:           value("TOKEND_ISSUER"),
+		Audience:         list(value("TOKEND_AUDIENCE")),
+		TokenTTL:         duration("TOKEND_TOKEN_TTL", 10*time.Second, 24*time.Hour),
+		SessionTTL:       duration("TOKEND_SESSION_TTL", time.Minute, 366*24*time.Hour),
+		ServiceKeys:      list(value("TOKEND_SERVICE_KEYS")),
+		AdminKeys:        list(value("TOKEND_ADMIN_KEYS")),
+		AllowedOrigins:   list(value("TOKEND_ALLOWED_ORIGINS")),
+		CookieName:       value("TOKEND_COOKIE_NAME"),
+		CookiePath:       value("TOKEND_COOKIE_PATH"),
+		CookieDomain:     value("TOKEND_COOKIE_DOMAIN"),
+		SigningKeyFile:   value("TOKEND_SIGNING_KEY_FILE"),
+		JWKSMaxAge:       duration("TOKEND_JWKS_MAX_AGE", 0, 24*time.Hour),
+		SessionRetention: duration("TOKEND_SESSION_RETENTION", 0, 366*24*time.Hour),
+		DrainDelay:       duration("TOKEND_DRAIN_DELAY", 0, 5*time.Minute),
+		ShutdownTimeout:  duration("TOKEND_SHUTDOWN_TIMEOUT", 0, 10*time.Minute),
+		LogLevel:         strings.ToLower(value("TOKEND_LOG_LEVEL")),
+		LogFormat:        strings.ToLower(value("TOKEND_LOG_FORMAT")),
+	}
+	c.explicitDrainTime = raw("TOKEND_DRAIN_DELAY") != ""
+
+	host, _, err := net.SplitHostPort(c.Addr)
+	if err != nil {
+		bad("TOKEND_ADDR=%q must be host:port", c.Addr)
+	}
+	loopback := isLoopback(host)
+	switch v := raw("TOKEND_DEV"); v {
+	case "":
+		configured := false
+		for _, env := range productionSettings {
+			configured = configured || raw(env) != ""
+		}
+		c.Dev = !configured && loopback
+	default:
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			bad("TOKEND_DEV=%q must be true or false", v)
+		}
+		c.Dev = b
+	}
+
+	if alg, err := issuer.ParseAlgorithm(value("TOKEND_SIGNING_ALG")); err != nil {
+		bad("TOKEND_SIGNING_ALG: %v", err)
+	} else {
+		c.SigningAlg = alg
+	}
+	switch value("TOKEND_COOKIE_SAMESITE") {
+	case "strict":
+		c.CookieSameSite = http.SameSiteStrictMode
+	case "lax":
+		c.CookieSameSite = http.SameSiteLaxMode
+	case "none":
+		c.CookieSameSite = http.SameSiteNoneMode
+		if c.Dev {
+			bad("TOKEND_COOKIE_SAMESITE=none needs Secure cookies, which dev mode turns off")
+		}
+	default:
+		bad("TOKEND_COOKIE_SAMESITE=%q must be strict, lax or none", value("TOKEND_COOKIE_SAMESITE"))
+	}
+	if !validCookieName(c.CookieName) {
+		bad("TOKEND_COOKIE_NAME=%q is not a valid cookie name", c.CookieName)
+	}
+	if !strings.HasPrefix(c.CookiePath, "/") || strings.ContainsAny(c.CookiePath, "; \t") {
+		bad("TOKEND_COOKIE_PATH=%q must be a path starting with /", c.CookiePath)
+	} else if c.CookiePath != "/" && !strings.HasPrefix("/v1/token", strings.TrimSuffix(c.CookiePath, "/")+"/") {
+		bad("TOKEND_COOKIE_PATH=%q must cover /v1/token and /v1/session (use / or /v1)", c.CookiePath)
+	}
+	if strings.ContainsAny(c.CookieDomain, "; \t/") {
+		bad("TOKEND_COOKIE_DOMAIN=%q is not a domain", c.CookieDomain)
+	}
+
+	if c.Issuer != "" {
+		if u, err := url.Parse(c.Issuer); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			bad("TOKEND_ISSUER=%q must be an absolute http(s) URL", c.Issuer)
+		}
+	} else if !c.Dev {
+		bad("TOKEND_ISSUER is required outside dev mode")
+	}
+	if len(c.Audience) == 0 {
+		if !c.Dev {
+			bad("TOKEND_AUDIENCE is required outside dev mode")
+		}
+		c.Audience = []string{"tokend-dev"}
+	}
+	for _, origin := range c.AllowedOrigins {
+		if u, err := url.Parse(origin); err != nil || (u.Scheme != "https" && u.Scheme != "http") ||
+			u.Host == "" || u.Path != "" || u.RawQuery != "" || u.User != nil || origin != u.Scheme+"://"+u.Host {
+			bad("TOKEND_ALLOWED_ORIGINS: %q must be an origin like https://app.example.com (no path, no wildcard)", origin)
+		}
+	}
+	const minKeyLength = 16
+	for env, keys := range map[string][]string{"TOKEND_SERVICE_KEYS": c.ServiceKeys, "TOKEND_ADMIN_KEYS": c.AdminKeys} {
+		if len(keys) == 0 && !c.Dev {
+			bad("%s is required outside dev mode", env)
+		}
+		for i, k := range keys {
+			if len(k) < minKeyLength {
+				bad("%s: key #%d is shorter than %d characters", env, i+1, minKeyLength)
+			}
+		}
+	}
+	for _, sk := range c.ServiceKeys {
+		for _, ak := range c.AdminKeys {
+			if sk == ak {
+				bad("TOKEND_SERVICE_KEYS and TOKEND_ADMIN_KEYS must not share a key")
+			}
+		}
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("TOKEND_LOG_LEVEL=%q must be debug, info, warn or error", c.LogLevel)
+	}
+	switch c.LogFormat {
+	case "":
+		c.LogFormat = "json"
+		if c.Dev {
+			c.LogFormat = "text"
+		}
+	case "json", "text":
+	default:
+		bad("TOKEND_LOG_FORMAT=%q must be json or text", c.LogFormat)
+	}
+	if c.Dev && !c.explicitDrainTime {
+		c.DrainDelay = 0
+	}
+	if len(problems) > 0 {
+		return config{}, fmt.Errorf("invalid configuration:\n  - %s", strings.Join(problems, "\n  - "))
+	}
+	return c, nil
+}
+
+func list(s string) []string {
+	var out []string
+	for _, part := range strings.Split(s, ",") {
+		if p := strings.TrimSpace(part); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+func validCookieName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c <= ' ' || c >= 0x7f || strings.IndexByte(`()<>@,;:\"/[]?={}`, c) >= 0 {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,233 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/tokend/tokend/api"
+	"github.com/tokend/tokend/issuer"
+	"github.com/tokend/tokend/session"
+	"github.com/tokend/tokend/store/memory"
+)
+
+// run is the whole program: it returns when ctx is cancelled (after a
+// graceful shutdown) or when serving fails.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := loadConfig(args, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	logger := newLogger(cfg, stderr)
+
+	if cfg.Dev && len(cfg.ServiceKeys) == 0 {
+		cfg.ServiceKeys = []string{"tkd_svc_" + randomKey()}
+		cfg.generatedAPIKeys = true
+	}
+	if cfg.Dev && len(cfg.AdminKeys) == 0 {
+		cfg.AdminKeys = []string{"tkd_adm_" + randomKey()}
+		cfg.generatedAPIKeys = true
+	}
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	defer ln.Close()
+	baseURL := "http://" + dialable(ln.Addr().(*net.TCPAddr))
+	if cfg.Issuer == "" {
+		cfg.Issuer = baseURL
+	}
+
+	key, keySource, err := signingKey(cfg)
+	if err != nil {
+		return err
+	}
+	iss, err := issuer.New(cfg.Issuer, cfg.Audience)
+	if err != nil {
+		return err
+	}
+	if err := iss.SetKeys(&key, []issuer.Key{key}); err != nil {
+		return err
+	}
+
+	store := memory.New()
+	sessions := session.NewService(store, iss, session.Config{
+		TokenTTL:   cfg.TokenTTL,
+		SessionTTL: cfg.SessionTTL,
+	})
+
+	var ready atomic.Bool
+	handler := api.NewServer(api.Options{
+		Logger:   logger,
+		Sessions: sessions,
+		Keys:     iss,
+		Ready:    ready.Load,
+		Config: api.Config{
+			Cookie: api.Cookie{
+				Name:     cfg.CookieName,
+				Path:     cfg.CookiePath,
+				Domain:   cfg.CookieDomain,
+				Secure:   !cfg.Dev,
+				SameSite: cfg.CookieSameSite,
+			},
+			AllowedOrigins: cfg.AllowedOrigins,
+			ServiceKeys:    cfg.ServiceKeys,
+			AdminKeys:      cfg.AdminKeys,
+			JWKSMaxAge:     cfg.JWKSMaxAge,
+		},
+	})
+	srv := &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      15 * time.Second,
+		IdleTimeout:       90 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+
+	bgCtx, stopBackground := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopBackground()
+	go purgeLoop(bgCtx, logger, store, cfg.SessionRetention)
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	ready.Store(true)
+
+	logger.Info("tokend started",
+		slog.String("addr", ln.Addr().String()),
+		slog.Bool("dev", cfg.Dev),
+		slog.String("issuer", cfg.Issuer),
+		slog.String("kid", key.ID),
+		slog.String("alg", string(key.Algorithm)),
+		slog.String("key_source", keySource),
+		slog.String("store", "memory"))
+	if cfg.Dev {
+		printDevBanner(stdout, cfg, baseURL)
+	}
+
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+
+	// Drain: stop advertising readiness, give load balancers time to notice,
+	// then let in-flight requests finish.
+	ready.Store(false)
+	logger.Info("shutting down", slog.Duration("drain_delay", cfg.DrainDelay))
+	time.Sleep(cfg.DrainDelay)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	if err := <-serveErr; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve: %w", err)
+	}
+	logger.Info("stopped")
+	return nil
+}
+
+func newLogger(cfg config, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.LogLevel))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// signingKey loads the configured key file or generates a key.
+func signingKey(cfg config) (issuer.Key, string, error) {
+	if cfg.SigningKeyFile == "" {
+		k, err := issuer.GenerateKey(cfg.SigningAlg, time.Now())
+		return k, "generated", err
+	}
+	data, err := os.ReadFile(cfg.SigningKeyFile)
+	if err != nil {
+		return issuer.Key{}, "", fmt.Errorf("TOKEND_SIGNING_KEY_FILE: %w", err)
+	}
+	k, err := issuer.ParsePrivateKeyPEM(data, time.Now())
+	if err != nil {
+		return issuer.Key{}, "", fmt.Errorf("TOKEND_SIGNING_KEY_FILE %s: %w", cfg.SigningKeyFile, err)
+	}
+	return k, "file", nil
+}
+
+// purger is implemented by stores that can delete ended sessions.
+type purger interface {
+	Purge(ctx context.Context, cutoff time.Time) (int, error)
+}
+
+// purgeLoop deletes sessions that ended more than retention ago.
+func purgeLoop(ctx context.Context, logger *slog.Logger, p purger, retention time.Duration) {
+	t := time.NewTicker(10 * time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := p.Purge(ctx, time.Now().Add(-retention))
+		if err != nil {
+			logger.Warn("purging ended sessions failed", slog.Any("error", err))
+			continue
+		}
+		if n > 0 {
+			logger.Info("purged ended sessions", slog.Int("count", n))
+		}
+	}
+}
+
+func randomKey() string {
+	var b [24]byte
+	_, _ = rand.Read(b[:])
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+// dialable turns a listen address into one a local client can dial.
+func dialable(a *net.TCPAddr) string {
+	ip := a.IP
+	if ip == nil || ip.IsUnspecified() {
+		ip = net.IPv4(127, 0, 0, 1)
+	}
+	return net.JoinHostPort(ip.String(), fmt.Sprint(a.Port))
+}
+
+// printDevBanner tells a newcomer how to use the dev instance. Printing the
+// generated keys is the point: they exist only in this process.
+func printDevBanner(w io.Writer, cfg config, base string) {
+	var b strings.Builder
+	fmt.Fprintf(&b, "tokend is running at %s (dev mode: in-memory sessions, generated %s key, cookies without Secure; not for production)\n\n", base, cfg.SigningAlg)
+	svc, adm := cfg.ServiceKeys[0], cfg.AdminKeys[0]
+	if cfg.generatedAPIKeys {
+		fmt.Fprintf(&b, "  service key: %s\n  admin key:   %s\n\n", svc, adm)
+	} else {
+		svc, adm = "$TOKEND_SERVICE_KEY", "$TOKEND_ADMIN_KEY"
+	}
+	fmt.Fprintf(&b, "Try it:\n\n")
+	fmt.Fprintf(&b, "  # 1. your backend creates a session for a signed-in user and hands the cookie to the browser\n")
+	fmt.Fprintf(&b, "  COOKIE=$(curl -s -X POST %s/v1/sessions -H 'Authorization: Bearer %s' -H 'Content-Type: application/json' -d '{\"subject\":\"alice\"}' | sed -n 's/.*\"value\":\"\\([^\"]*\\)\".*/\\1/p')\n", base, svc)
+	fmt.Fprintf(&b, "  # 2. the browser exchanges the cookie for a 10-minute token\n")
+	fmt.Fprintf(&b, "  curl -s -X POST %s/v1/token -H \"Cookie: %s=$COOKIE\"\n", base, cfg.CookieName)
+	fmt.Fprintf(&b, "  # 3. websocket services verify tokens with these keys\n")
+	fmt.Fprintf(&b, "  curl -s %s/.well-known/jwks.json\n", base)
+	fmt.Fprintf(&b, "  # 4. an admin revokes all of alice's sessions; the next token request gets 401\n")
+	fmt.Fprintf(&b, "  curl -s -X POST %s/v1/admin/subjects/alice/revoke -H 'Authorization: Bearer %s'\n", base, adm)
+	fmt.Fprintf(&b, "  curl -s -X POST %s/v1/token -H \"Cookie: %s=$COOKIE\"\n\n", base, cfg.CookieName)
+	_, _ = io.WriteString(w, b.String())
+}

@@ -1,0 +1,170 @@
+// Package memory is an in-process session store: the default when no
+// database is configured. Its contents last as long as the process.
+package memory
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/tokend/tokend/session"
+)
+
+// Store keeps sessions in maps guarded by one RWMutex; refreshes only read.
+type Store struct {
+	mu        sync.RWMutex
+	sessions  map[string]*session.Session
+	bySubject map[string]map[string]struct{}
+}
+
+// New returns an empty store.
+func New() *Store {
+	return &Store{
+		sessions:  make(map[string]*session.Session),
+		bySubject: make(map[string]map[string]struct{}),
+	}
+}
+
+var _ session.Store = (*Store)(nil)
+
+// CreateSession implements session.Store.
+func (m *Store) CreateSession(_ context.Context, s session.Session) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.sessions[s.ID]; ok {
+		return session.ErrConflict
+	}
+	s.SecretHash = slices.Clone(s.SecretHash)
+	s.Claims = slices.Clone(s.Claims)
+	m.sessions[s.ID] = &s
+	ids := m.bySubject[s.Subject]
+	if ids == nil {
+		ids = make(map[string]struct{})
+		m.bySubject[s.Subject] = ids
+	}
+	ids[s.ID] = struct{}{}
+	return nil
+}
+
+// Session implements session.Store. The returned value shares its immutable
+// byte slices (secret hash, claims) with the store.
+func (m *Store) Session(_ context.Context, sid string) (session.Session, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	s, ok := m.sessions[sid]
+	if !ok {
+		return session.Session{}, session.ErrNotFound
+	}
+	return *s, nil
+}
+
+// TouchSession implements session.Store.
+func (m *Store) TouchSession(_ context.Context, sid string, at time.Time) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, ok := m.sessions[sid]
+	if !ok {
+		return session.ErrNotFound
+	}
+	if at.After(s.LastSeenAt) {
+		s.LastSeenAt = at
+	}
+	return nil
+}
+
+// RevokeSession implements session.Store.
+func (m *Store) RevokeSession(_ context.Context, sid string, at time.Time, reason string) (session.Session, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, ok := m.sessions[sid]
+	if !ok {
+		return session.Session{}, session.ErrNotFound
+	}
+	if s.RevokedAt.IsZero() {
+		s.RevokedAt = at
+		s.RevokeReason = reason
+	}
+	return *s, nil
+}
+
+// RevokeSubject implements session.Store.
+func (m *Store) RevokeSubject(_ context.Context, subject string, at time.Time, reason string) ([]string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var revoked []string
+	for sid := range m.bySubject[subject] {
+		s := m.sessions[sid]
+		if s.RevokedAt.IsZero() && at.Before(s.ExpiresAt) {
+			s.RevokedAt = at
+			s.RevokeReason = reason
+			revoked = append(revoked, sid)
+		}
+	}
+	slices.Sort(revoked)
+	return revoked, nil
+}
+
+// SessionsBySubject implements session.Store.
+func (m *Store) SessionsBySubject(_ context.Context, subject string, limit int) ([]session.Session, error) {
+	m.mu.RLock()
+	out := make([]session.Session, 0, len(m.bySubject[subject]))
+	for sid := range m.bySubject[subject] {
+		out = append(out, *m.sessions[sid])
+	}
+	m.mu.RUnlock()
+	slices.SortFunc(out, func(a, b session.Session) int {
+		if c := b.CreatedAt.Compare(a.CreatedAt); c != 0 {
+			return c
+		}
+		return compareStrings(a.ID, b.ID)
+	})
+	if len(out) > limit {
+		out = out[:limit]
+	}
+	return out, nil
+}
+
+func compareStrings(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// Purge deletes sessions that ended (expired or revoked) before cutoff and
+// returns how many it deleted. Callers pass now minus a retention period, so
+// that admins can still look at recently ended sessions.
+func (m *Store) Purge(_ context.Context, cutoff time.Time) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for sid, s := range m.sessions {
+		ended := s.ExpiresAt
+		if !s.RevokedAt.IsZero() && s.RevokedAt.Before(ended) {
+			ended = s.RevokedAt
+		}
+		if !ended.Before(cutoff) {
+			continue
+		}
+		delete(m.sessions, sid)
+		if ids := m.bySubject[s.Subject]; ids != nil {
+			delete(ids, sid)
+			if len(ids) == 0 {
+				delete(m.bySubject, s.Subject)
+			}
+		}
+		n++
+	}
+	return n, nil
+}
+
+// Len returns the number of stored sessions.
+func (m *Store) Len() int {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return len(m.sessions)
+}
