@@ -356,7 +356,7 @@ func (s *server) handleListSessions() http.HandlerFunc {
 			s.fail(w, r, err)
 			return
 		}
-		now := time.Now()
+		now := s.now()
 		resp := response{Subject: q.Get("subject"), Sessions: make([]sessionView, 0, len(list))}
 		for _, sess := range list {
 			resp.Sessions = append(resp.Sessions, viewSession(sess, now))
@@ -372,7 +372,7 @@ func (s *server) handleGetSession() http.HandlerFunc {
 			s.fail(w, r, err)
 			return
 		}
-		encode(w, http.StatusOK, viewSession(sess, time.Now()))
+		encode(w, http.StatusOK, viewSession(sess, s.now()))
 	}
 }
 
@@ -383,7 +383,7 @@ func (s *server) handleRevokeSession() http.HandlerFunc {
 			s.fail(w, r, err)
 			return
 		}
-		encode(w, http.StatusOK, viewSession(sess, time.Now()))
+		encode(w, http.StatusOK, viewSession(sess, s.now()))
 	}
 }
 

@@ -68,6 +68,9 @@ type Options struct {
 	// Ready reports whether the instance should receive traffic; nil means
 	// always. It turns false while draining.
 	Ready func() bool
+	// Now is the clock used to report session status; nil means time.Now.
+	// It should be the clock the session service uses.
+	Now func() time.Time
 }
 
 type server struct {
@@ -76,6 +79,7 @@ type server struct {
 	keys        Keys
 	cfg         Config
 	ready       func() bool
+	now         func() time.Time
 	origins     map[string]bool
 	serviceKeys [][32]byte
 	adminKeys   [][32]byte
@@ -90,12 +94,16 @@ func NewServer(o Options) http.Handler {
 		keys:        o.Keys,
 		cfg:         o.Config,
 		ready:       o.Ready,
+		now:         o.Now,
 		origins:     make(map[string]bool),
 		serviceKeys: hashKeys(o.Config.ServiceKeys),
 		adminKeys:   hashKeys(o.Config.AdminKeys),
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.now == nil {
+		s.now = time.Now
 	}
 	if s.ready == nil {
 		s.ready = func() bool { return true }

@@ -5,6 +5,7 @@ package memory
 import (
 	"context"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -117,22 +118,12 @@ func (m *Store) SessionsBySubject(_ context.Context, subject string, limit int) 
 		if c := b.CreatedAt.Compare(a.CreatedAt); c != 0 {
 			return c
 		}
-		return compareStrings(a.ID, b.ID)
+		return strings.Compare(a.ID, b.ID)
 	})
 	if len(out) > limit {
 		out = out[:limit]
 	}
 	return out, nil
-}
-
-func compareStrings(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // Purge deletes sessions that ended (expired or revoked) before cutoff and
