@@ -240,7 +240,7 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 	}
 	for _, origin := range c.AllowedOrigins {
 		if u, err := url.Parse(origin); err != nil || (u.Scheme != "https" && u.Scheme != "http") ||
-			u.Host == "" || u.Path != "" || u.RawQuery != "" || u.User != nil || origin != u.Scheme+"://"+u.Host {
+			!validOriginHost(u.Host) || u.Path != "" || u.RawQuery != "" || u.User != nil || origin != u.Scheme+"://"+u.Host {
 			bad("TOKEND_ALLOWED_ORIGINS: %q must be an origin like https://app.example.com (no path, no wildcard)", origin)
 		}
 	}
@@ -294,6 +294,33 @@ func list(s string) []string {
 		}
 	}
 	return out
+}
+
+// validOriginHost accepts host or host:port where host is a DNS name or an
+// IP literal: no wildcards, no empty labels.
+func validOriginHost(hostport string) bool {
+	host := hostport
+	if h, port, err := net.SplitHostPort(hostport); err == nil {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return false
+		}
+		host = h
+	}
+	if net.ParseIP(strings.Trim(host, "[]")) != nil {
+		return true
+	}
+	for _, label := range strings.Split(host, ".") {
+		if label == "" || len(label) > 63 {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return host != ""
 }
 
 func isLoopback(host string) bool {

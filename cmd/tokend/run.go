@@ -229,5 +229,6 @@ func printDevBanner(w io.Writer, cfg config, base string) {
 	fmt.Fprintf(&b, "  # 4. an admin revokes all of alice's sessions; the next token request gets 401\n")
 	fmt.Fprintf(&b, "  curl -s -X POST %s/v1/admin/subjects/alice/revoke -H 'Authorization: Bearer %s'\n", base, adm)
 	fmt.Fprintf(&b, "  curl -s -X POST %s/v1/token -H \"Cookie: %s=$COOKIE\"\n\n", base, cfg.CookieName)
+	fmt.Fprintf(&b, "Stop with Ctrl-C.\n")
 	_, _ = io.WriteString(w, b.String())
 }
