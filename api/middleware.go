@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/url"
 	"runtime/debug"
@@ -82,16 +81,9 @@ func (s *server) accessLog(next http.Handler) http.Handler {
 			slog.Int("status", status),
 			slog.Int("bytes", ww.BytesWritten()),
 			slog.Duration("duration", time.Since(start)),
-			slog.String("remote", remoteHost(r.RemoteAddr)),
+			slog.String("client_ip", clientIP(r, s.trusted).String()),
 		)
 	})
-}
-
-func remoteHost(addr string) string {
-	if host, _, err := net.SplitHostPort(addr); err == nil {
-		return host
-	}
-	return addr
 }
 
 // recoverPanics turns a panic into a logged 500 problem, so one bad request
@@ -145,9 +137,14 @@ func (s *server) checkOrigin(next http.Handler) http.Handler {
 		}
 		h.Set("Access-Control-Allow-Origin", origin)
 		h.Set("Access-Control-Allow-Credentials", "true")
+		h.Set("Access-Control-Expose-Headers", exposedHeaders)
 		next.ServeHTTP(w, r)
 	})
 }
+
+// exposedHeaders are the response headers a cross-origin client must be able
+// to read: Retry-After and the RateLimit fields drive its backoff.
+const exposedHeaders = "Retry-After, RateLimit, RateLimit-Policy, X-Request-Id"
 
 func (s *server) originAllowed(origin, host string) bool {
 	if s.origins[origin] {

@@ -11,6 +11,9 @@ import (
 	"crypto/subtle"
 	"log/slog"
 	"net/http"
+	"net/netip"
+	"runtime"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -57,6 +60,11 @@ type Config struct {
 	JWKSMaxAge time.Duration
 	// PreflightMaxAge is how long browsers may cache a CORS preflight.
 	PreflightMaxAge time.Duration
+	// TrustedProxies are the peers whose Forwarded / X-Forwarded-For
+	// headers are believed when finding the client IP.
+	TrustedProxies []netip.Prefix
+	// Protection holds the rate limits and the shedding bound.
+	Protection Protection
 }
 
 // Options are the dependencies of the server.
@@ -71,6 +79,9 @@ type Options struct {
 	// Now is the clock used to report session status; nil means time.Now.
 	// It should be the clock the session service uses.
 	Now func() time.Time
+	// RandN returns a uniform integer in [0, n), for Retry-After jitter;
+	// nil means math/rand/v2.
+	RandN func(n int) int
 }
 
 type server struct {
@@ -83,7 +94,15 @@ type server struct {
 	origins     map[string]bool
 	serviceKeys [][32]byte
 	adminKeys   [][32]byte
+	trusted     []netip.Prefix
+	protect     Protection
+	gate        *gate
+	randN       func(n int) int
 	router      *chi.Mux
+
+	shedCount     atomic.Uint64
+	rateLimited   atomic.Uint64
+	limiterErrors atomic.Uint64
 }
 
 // NewServer returns the HTTP handler serving every tokend route.
@@ -98,7 +117,17 @@ func NewServer(o Options) http.Handler {
 		origins:     make(map[string]bool),
 		serviceKeys: hashKeys(o.Config.ServiceKeys),
 		adminKeys:   hashKeys(o.Config.AdminKeys),
+		trusted:     o.Config.TrustedProxies,
+		protect:     o.Config.Protection,
+		randN:       o.RandN,
 	}
+	if s.randN == nil {
+		s.randN = defaultRandN
+	}
+	if s.protect.ShedRetryAfter < time.Second {
+		s.protect.ShedRetryAfter = DefaultShedRetryAfter
+	}
+	s.gate = newGate(s.protect.MaxInflight, s.protect.MaxQueue, s.protect.QueueWait)
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -134,17 +163,26 @@ func (s *server) addRoutes(r *chi.Mux) {
 
 	// Browser endpoints: authenticated by the session cookie, callable
 	// cross-origin by allowed origins only.
+	// Preflights are answered before any limit: they are cheap, cached by
+	// browsers, and refusing them would hide the real answer's headers.
 	r.Group(func(r chi.Router) {
 		r.Use(s.checkOrigin)
-		r.Post("/v1/token", s.handleToken())
 		r.Options("/v1/token", s.handlePreflight("POST"))
-		r.Delete("/v1/session", s.handleLogout())
 		r.Options("/v1/session", s.handlePreflight("DELETE"))
+		r.Group(func(r chi.Router) {
+			r.Use(s.shed, s.rateLimit(
+				limitPolicy{name: "ip", limit: s.protect.IPLimit, key: ipKey},
+				limitPolicy{name: "session", limit: s.protect.SessionLimit, key: sessionKey},
+			))
+			r.Post("/v1/token", s.handleToken())
+			r.Delete("/v1/session", s.handleLogout())
+		})
 	})
 
 	// Application backends: service API key.
 	r.Group(func(r chi.Router) {
-		r.Use(s.requireKey(s.serviceKeys))
+		r.Use(s.requireKey(s.serviceKeys), s.shed,
+			s.rateLimit(limitPolicy{name: "service", limit: s.protect.ServiceLimit, key: serviceKey}))
 		r.Post("/v1/sessions", s.handleCreateSession())
 	})
 
@@ -176,3 +214,8 @@ func keyMatches(presented string, keys [][32]byte) bool {
 	}
 	return match == 1
 }
+
+// DefaultMaxInflight sizes the shedding bound from the CPUs available: token
+// work is CPU-bound (one signature each), so a few requests per CPU keep
+// every core busy while the rest wait in the short queue or are shed.
+func DefaultMaxInflight() int { return 8 * runtime.GOMAXPROCS(0) }

@@ -6,13 +6,16 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/tokend/tokend/api"
 	"github.com/tokend/tokend/issuer"
+	"github.com/tokend/tokend/store/ratelimit"
 )
 
 // setting is one configuration variable. Each has an environment name and a
@@ -45,6 +48,12 @@ var settings = []setting{
 	{"TOKEND_COOKIE_SAMESITE", "strict", "session cookie SameSite: strict, lax or none"},
 	{"TOKEND_SIGNING_ALG", "ES256", "signing algorithm of generated keys: ES256, EdDSA or RS256"},
 	{"TOKEND_SIGNING_KEY_FILE", "", "PEM private key to sign with instead of a generated one"},
+	{"TOKEND_REDIS_URL", "", "Redis for rate limits shared by all instances: redis://host:port/db, rediss:// for TLS, ?addr=host:port (repeatable) for a Cluster, ?master_name=NAME for Sentinel (unset: per-instance limits)"},
+	{"TOKEND_RATE_SESSION", "6/min", "token and logout requests per session: N/s, N/min or N/h, optionally 'burst B', or off"},
+	{"TOKEND_RATE_IP", "600/min", "token and logout requests per client IP, same syntax"},
+	{"TOKEND_RATE_SERVICE", "6000/min", "session creations per service key, same syntax"},
+	{"TOKEND_TRUSTED_PROXIES", "", "comma list of CIDR prefixes whose Forwarded / X-Forwarded-For headers name the client IP"},
+	{"TOKEND_MAX_INFLIGHT", "auto", "concurrent token and session requests before the excess is shed with 503 (auto: 8 per CPU; 0: no bound)"},
 	{"TOKEND_JWKS_MAX_AGE", "5m", "Cache-Control max-age of the JWKS document"},
 	{"TOKEND_SESSION_RETENTION", "24h", "how long ended sessions stay visible to admins before they are purged"},
 	{"TOKEND_DRAIN_DELAY", "5s", "on shutdown, time between /readyz turning false and the listener closing (dev: 0s)"},
@@ -84,6 +93,12 @@ type config struct {
 	ShutdownTimeout   time.Duration
 	LogLevel          string
 	LogFormat         string
+	RedisURL          string
+	RateSession       ratelimit.Limit
+	RateIP            ratelimit.Limit
+	RateService       ratelimit.Limit
+	TrustedProxies    []netip.Prefix
+	MaxInflight       int
 	generatedAPIKeys  bool // dev mode made up the service and admin keys
 	explicitDrainTime bool
 }
@@ -172,6 +187,7 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 		ShutdownTimeout:  duration("TOKEND_SHUTDOWN_TIMEOUT", 0, 10*time.Minute),
 		LogLevel:         strings.ToLower(value("TOKEND_LOG_LEVEL")),
 		LogFormat:        strings.ToLower(value("TOKEND_LOG_FORMAT")),
+		RedisURL:         value("TOKEND_REDIS_URL"),
 	}
 	c.explicitDrainTime = raw("TOKEND_DRAIN_DELAY") != ""
 
@@ -276,6 +292,35 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 	case "json", "text":
 	default:
 		bad("TOKEND_LOG_FORMAT=%q must be json or text", c.LogFormat)
+	}
+	for env, dst := range map[string]*ratelimit.Limit{
+		"TOKEND_RATE_SESSION": &c.RateSession, "TOKEND_RATE_IP": &c.RateIP, "TOKEND_RATE_SERVICE": &c.RateService,
+	} {
+		l, err := ratelimit.Parse(value(env))
+		if err != nil {
+			bad("%s: %v", env, err)
+		}
+		*dst = l
+	}
+	if c.RedisURL != "" {
+		if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+			bad("TOKEND_REDIS_URL must be a redis:// or rediss:// URL")
+		}
+	}
+	if p, err := api.ParseTrustedProxies(list(value("TOKEND_TRUSTED_PROXIES"))); err != nil {
+		bad("TOKEND_TRUSTED_PROXIES: %v", err)
+	} else {
+		c.TrustedProxies = p
+	}
+	switch v := value("TOKEND_MAX_INFLIGHT"); v {
+	case "auto":
+		c.MaxInflight = api.DefaultMaxInflight()
+	default:
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > 1_000_000 {
+			bad("TOKEND_MAX_INFLIGHT=%q must be auto or a whole number (0: no bound)", v)
+		}
+		c.MaxInflight = n
 	}
 	if c.Dev && !c.explicitDrainTime {
 		c.DrainDelay = 0

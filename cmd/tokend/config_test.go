@@ -115,3 +115,53 @@ func freeAddr(t *testing.T) string {
 	ln.Close()
 	return addr
 }
+
+func TestConfigLoadProtection(t *testing.T) {
+	c, err := loadConfig(nil, env(nil), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.RateSession.String() + " " + c.RateIP.String() + " " + c.RateService.String(); got != "6/min 600/min 6000/min" {
+		t.Errorf("default limits = %s", got)
+	}
+	if c.MaxInflight <= 0 || c.RedisURL != "" || len(c.TrustedProxies) != 0 {
+		t.Errorf("defaults: inflight %d, redis %q, proxies %v", c.MaxInflight, c.RedisURL, c.TrustedProxies)
+	}
+
+	c, err = loadConfig(nil, env(map[string]string{
+		"TOKEND_RATE_SESSION":    "off",
+		"TOKEND_RATE_IP":         "20/s burst 50",
+		"TOKEND_RATE_SERVICE":    "100/h",
+		"TOKEND_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7, 2001:db8::/32",
+		"TOKEND_MAX_INFLIGHT":    "0",
+		"TOKEND_REDIS_URL":       "redis://127.0.0.1:6379/2",
+	}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.RateSession.Off() || c.RateIP.Rate != 20 || c.RateIP.Burst != 50 || c.RateIP.Period != time.Second ||
+		c.RateService.Period != time.Hour || c.MaxInflight != 0 || len(c.TrustedProxies) != 3 {
+		t.Errorf("parsed = %+v", c)
+	}
+
+	_, err = loadConfig(nil, env(map[string]string{
+		"TOKEND_RATE_SESSION":    "lots",
+		"TOKEND_RATE_IP":         "5/week",
+		"TOKEND_RATE_SERVICE":    "0/min",
+		"TOKEND_TRUSTED_PROXIES": "10.0.0.0/33",
+		"TOKEND_MAX_INFLIGHT":    "-1",
+		"TOKEND_REDIS_URL":       "http://user:hunter2@redis:6379",
+	}), io.Discard)
+	if err == nil {
+		t.Fatal("want an error")
+	}
+	for _, want := range []string{"TOKEND_RATE_SESSION", "TOKEND_RATE_IP", "TOKEND_RATE_SERVICE",
+		"TOKEND_TRUSTED_PROXIES", "TOKEND_MAX_INFLIGHT", "TOKEND_REDIS_URL"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not mention %s:\n%v", want, err)
+		}
+	}
+	if strings.Contains(err.Error(), "hunter2") {
+		t.Errorf("the error repeats the Redis password:\n%v", err)
+	}
+}

@@ -19,6 +19,8 @@ import (
 	"github.com/tokend/tokend/issuer"
 	"github.com/tokend/tokend/session"
 	"github.com/tokend/tokend/store/memory"
+	"github.com/tokend/tokend/store/ratelimit"
+	redisstore "github.com/tokend/tokend/store/redis"
 )
 
 // run is the whole program: it returns when ctx is cancelled (after a
@@ -61,6 +63,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 
+	limiter, closeRedis, err := newLimiter(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	defer closeRedis()
+
 	store := memory.New()
 	sessions := session.NewService(store, iss, session.Config{
 		TokenTTL:   cfg.TokenTTL,
@@ -85,6 +93,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			ServiceKeys:    cfg.ServiceKeys,
 			AdminKeys:      cfg.AdminKeys,
 			JWKSMaxAge:     cfg.JWKSMaxAge,
+			TrustedProxies: cfg.TrustedProxies,
+			Protection: api.Protection{
+				Limiter:      limiter,
+				SessionLimit: cfg.RateSession,
+				IPLimit:      cfg.RateIP,
+				ServiceLimit: cfg.RateService,
+				MaxInflight:  cfg.MaxInflight,
+				MaxQueue:     cfg.MaxInflight,
+			},
 		},
 	})
 	srv := &http.Server{
@@ -112,7 +129,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		slog.String("kid", key.ID),
 		slog.String("alg", string(key.Algorithm)),
 		slog.String("key_source", keySource),
-		slog.String("store", "memory"))
+		slog.String("store", "memory"),
+		slog.String("rate_limits", limitsSummary(cfg)),
+		slog.Int("max_inflight", cfg.MaxInflight))
 	if cfg.Dev {
 		printDevBanner(stdout, cfg, baseURL)
 	}
@@ -165,6 +184,36 @@ func signingKey(cfg config) (issuer.Key, string, error) {
 		return issuer.Key{}, "", fmt.Errorf("TOKEND_SIGNING_KEY_FILE %s: %w", cfg.SigningKeyFile, err)
 	}
 	return k, "file", nil
+}
+
+// newLimiter returns the rate limiter: Redis-backed with a per-instance
+// fallback when TOKEND_REDIS_URL is set, per-instance otherwise. An
+// unreachable Redis does not stop start-up: refusing to start would turn a
+// Redis outage into a tokend outage exactly when a fleet restarts.
+func newLimiter(ctx context.Context, cfg config, logger *slog.Logger) (*ratelimit.Fallback, func(), error) {
+	opts := ratelimit.FallbackOptions{Logger: logger}
+	if cfg.RedisURL == "" {
+		return ratelimit.NewFallback(nil, opts), func() {}, nil
+	}
+	client, err := redisstore.NewClient(cfg.RedisURL)
+	if err != nil {
+		return nil, nil, fmt.Errorf("TOKEND_REDIS_URL: %w", err)
+	}
+	pingCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := client.Ping(pingCtx).Err(); err != nil {
+		logger.Warn("redis is not reachable; rate limits apply per instance until it is", slog.Any("error", err))
+	}
+	shared := redisstore.NewLimiter(client, "tokend:rl:")
+	return ratelimit.NewFallback(shared, opts), func() { _ = client.Close() }, nil
+}
+
+func limitsSummary(cfg config) string {
+	where := "per instance"
+	if cfg.RedisURL != "" {
+		where = "shared via redis"
+	}
+	return fmt.Sprintf("session %s, ip %s, service %s (%s)", cfg.RateSession, cfg.RateIP, cfg.RateService, where)
 }
 
 // purger is implemented by stores that can delete ended sessions.
