@@ -8,7 +8,10 @@ import (
 	"fmt"
 	"io"
 	mrand "math/rand/v2"
+	"sync"
 	"time"
+
+	"golang.org/x/sync/singleflight"
 
 	"github.com/tokend/tokend/issuer"
 )
@@ -26,6 +29,11 @@ type Config struct {
 	SessionTTL time.Duration
 	// TouchInterval bounds how often a refresh writes LastSeenAt.
 	TouchInterval time.Duration
+	// ReuseWindow, when positive, lets refreshes of one session that arrive
+	// within this window of each other share one token instead of signing
+	// a new one each (several tabs, or a reload storm). Every refresh still
+	// passes every rule first. Zero disables reuse.
+	ReuseWindow time.Duration
 }
 
 // DefaultConfig returns the documented defaults.
@@ -41,6 +49,9 @@ type Service struct {
 	now    func() time.Time
 	random io.Reader
 	jitter func() float64
+
+	flight singleflight.Group
+	recent recentTokens
 }
 
 // Option configures a Service.
@@ -78,6 +89,7 @@ func NewService(store Store, minter Minter, cfg Config, opts ...Option) *Service
 	for _, o := range opts {
 		o(s)
 	}
+	s.recent.m = make(map[string]recentToken)
 	return s
 }
 
@@ -211,6 +223,27 @@ func (s *Service) Refresh(ctx context.Context, cookie string) (Token, error) {
 		}
 		sess.LastSeenAt = now
 	}
+	if s.cfg.ReuseWindow <= 0 {
+		return s.mint(ctx, sess, now)
+	}
+	if tok, ok := s.recent.get(sess.ID, now, s.cfg.ReuseWindow); ok {
+		return tok.at(now), nil
+	}
+	// Concurrent refreshes of one session wait for a single signature.
+	v, err, _ := s.flight.Do(sess.ID, func() (any, error) {
+		tok, err := s.mint(context.WithoutCancel(ctx), sess, now)
+		if err == nil {
+			s.recent.put(sess.ID, tok, now, s.cfg.ReuseWindow)
+		}
+		return tok, err
+	})
+	if err != nil {
+		return Token{}, err
+	}
+	return v.(Token).at(now), nil
+}
+
+func (s *Service) mint(ctx context.Context, sess Session, now time.Time) (Token, error) {
 	plan, err := PlanToken(sess, now, s.cfg.TokenTTL, s.jitter())
 	if err != nil {
 		return Token{}, err
@@ -226,6 +259,62 @@ func (s *Service) Refresh(ctx context.Context, cookie string) (Token, error) {
 		return Token{}, fmt.Errorf("mint token: %w", err)
 	}
 	return Token{AccessToken: jwt, Plan: plan, SessionID: sess.ID, SessionEndsAt: sess.EndsAt()}, nil
+}
+
+// at returns the token as seen by a refresh at now: the same token and
+// absolute times, with refresh_in counted from now.
+func (t Token) at(now time.Time) Token {
+	if !now.After(t.Plan.Now) {
+		return t
+	}
+	refreshAt := t.Plan.RefreshAt()
+	t.Plan.Now = now
+	t.Plan.RefreshIn = max(refreshAt.Sub(now).Truncate(time.Second), 0)
+	return t
+}
+
+// recentTokens remembers the last token of each session for the reuse
+// window. Expired entries are swept every ten windows and whenever it is
+// full (maxRecent entries); if nothing can be swept, new tokens are simply
+// not remembered, so memory stays bounded.
+type recentTokens struct {
+	mu        sync.Mutex
+	m         map[string]recentToken
+	lastSweep time.Time
+}
+
+type recentToken struct {
+	tok    Token
+	minted time.Time
+}
+
+const maxRecent = 100_000
+
+func (r *recentTokens) get(sid string, now time.Time, window time.Duration) (Token, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.m[sid]
+	if !ok || now.Sub(e.minted) >= window || now.Before(e.minted) {
+		return Token{}, false
+	}
+	return e.tok, true
+}
+
+func (r *recentTokens) put(sid string, tok Token, now time.Time, window time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.m) >= maxRecent || now.Sub(r.lastSweep) >= 10*window {
+		r.lastSweep = now
+		for k, e := range r.m {
+			if now.Sub(e.minted) >= window {
+				delete(r.m, k)
+			}
+		}
+		if len(r.m) >= maxRecent {
+			return
+		}
+	}
+	r.m[sid] = recentToken{tok: tok, minted: now}
 }
 
 // Logout revokes the session behind cookie. Logging out of a session that has
