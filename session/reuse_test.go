@@ -166,3 +166,42 @@ func TestConcurrentRefreshesShareOneSignature(t *testing.T) {
 		t.Errorf("signatures = %d, want 1", got)
 	}
 }
+
+// BenchmarkRefreshOneSessionParallel is many tabs of one session refreshing
+// at once, with and without the reuse window: the CPU a reload storm costs.
+func BenchmarkRefreshOneSessionParallel(b *testing.B) {
+	for _, window := range []time.Duration{0, 2 * time.Second} {
+		name := "reuse=off"
+		if window > 0 {
+			name = "reuse=2s"
+		}
+		b.Run(name, func(b *testing.B) {
+			key, err := issuer.GenerateKey(issuer.ES256, time.Now())
+			if err != nil {
+				b.Fatal(err)
+			}
+			iss, err := issuer.New("https://tokend.test", []string{"app"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := iss.SetKeys(&key, []issuer.Key{key}); err != nil {
+				b.Fatal(err)
+			}
+			svc := session.NewService(memory.New(), iss, session.Config{ReuseWindow: window})
+			created, err := svc.Create(context.Background(), session.CreateRequest{Subject: "alice"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			cookie := created.Credentials.String()
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if _, err := svc.Refresh(context.Background(), cookie); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
+}
