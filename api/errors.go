@@ -5,7 +5,9 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"time"
 
+	"github.com/tokend/tokend/issuer"
 	"github.com/tokend/tokend/session"
 )
 
@@ -56,6 +58,8 @@ var titles = map[string]string{
 	"unsupported_media_type": "Unsupported media type",
 	"rate_limited":           "Too many requests",
 	"overloaded":             "The service is overloaded",
+	"unavailable":            "A dependency is unavailable",
+	"rotation_unavailable":   "Key rotation is not available",
 	"not_ready":              "The service is not ready",
 	"internal":               "Internal error",
 }
@@ -81,6 +85,12 @@ func problemFor(err error) problem {
 	case errors.Is(err, session.ErrRevoked):
 		return problem{Status: http.StatusUnauthorized, Code: "session_revoked",
 			Detail: "The session was revoked; sign in again.", clearCookie: true}
+	case errors.Is(err, session.ErrUnavailable):
+		return problem{Status: http.StatusServiceUnavailable, Code: "unavailable",
+			Detail: "The session store cannot be reached right now; retry after the number of seconds in Retry-After."}
+	case errors.Is(err, issuer.ErrRotationDisabled):
+		return problem{Status: http.StatusConflict, Code: "rotation_unavailable",
+			Detail: "This instance signs with a fixed key (TOKEND_SIGNING_KEY_FILE); rotate by replacing the file."}
 	case errors.Is(err, session.ErrNotFound):
 		return problem{Status: http.StatusNotFound, Code: "not_found", Detail: "No session has this id."}
 	}
@@ -92,6 +102,13 @@ func problemFor(err error) problem {
 // the request id; client errors are not, since the access log has them.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	p := problemFor(err)
+	if p.Code == "unavailable" {
+		p.header = retryAfterHeader(s.jitterSeconds(1, int(s.protect.ShedRetryAfter/time.Second)))
+		s.log.WarnContext(r.Context(), "dependency unavailable",
+			slog.String("request_id", requestID(r.Context())),
+			slog.String("route", r.Pattern),
+			slog.Any("error", err))
+	}
 	if p.Status >= 500 && p.Code == "internal" {
 		s.log.ErrorContext(r.Context(), "request failed",
 			slog.String("request_id", requestID(r.Context())),

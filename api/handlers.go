@@ -435,3 +435,68 @@ func pathParam(r *http.Request, name string) (string, error) {
 	}
 	return u, nil
 }
+
+type keyView struct {
+	KID         string          `json:"kid"`
+	Alg         string          `json:"alg"`
+	State       issuer.KeyState `json:"state"`
+	CreatedAt   time.Time       `json:"created_at"`
+	ActivatesAt time.Time       `json:"activates_at"`
+	RetiredAt   *time.Time      `json:"retired_at,omitempty"`
+	RemoveAt    *time.Time      `json:"remove_at,omitempty"`
+}
+
+func viewKey(k issuer.KeyStatus) keyView {
+	v := keyView{KID: k.ID, Alg: string(k.Algorithm), State: k.State,
+		CreatedAt: timestamp(k.CreatedAt), ActivatesAt: timestamp(k.ActivatesAt)}
+	if !k.RetiredAt.IsZero() {
+		t := timestamp(k.RetiredAt)
+		v.RetiredAt = &t
+	}
+	if !k.RemoveAt.IsZero() {
+		t := timestamp(k.RemoveAt)
+		v.RemoveAt = &t
+	}
+	return v
+}
+
+func (s *server) noKeyAdmin(w http.ResponseWriter, r *http.Request) bool {
+	if s.keyAdmin != nil {
+		return false
+	}
+	s.fail(w, r, &Error{Status: http.StatusNotFound, Code: "not_found", Detail: "Key administration is not configured."})
+	return true
+}
+
+func (s *server) handleListKeys() http.HandlerFunc {
+	type response struct {
+		Keys []keyView `json:"keys"`
+	}
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.noKeyAdmin(w, r) {
+			return
+		}
+		resp := response{Keys: []keyView{}}
+		for _, k := range s.keyAdmin.Status() {
+			resp.Keys = append(resp.Keys, viewKey(k))
+		}
+		encode(w, http.StatusOK, resp)
+	}
+}
+
+func (s *server) handleRotateKeys() http.HandlerFunc {
+	type response struct {
+		Key keyView `json:"key"`
+	}
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.noKeyAdmin(w, r) {
+			return
+		}
+		k, err := s.keyAdmin.Rotate(r.Context())
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		encode(w, http.StatusOK, response{Key: viewKey(k)})
+	}
+}

@@ -39,6 +39,13 @@ type Keys interface {
 	JWKS() *issuer.JWKS
 }
 
+// KeyAdmin shows and rotates the signing keys; *issuer.Keyring implements
+// it.
+type KeyAdmin interface {
+	Status() []issuer.KeyStatus
+	Rotate(ctx context.Context) (issuer.KeyStatus, error)
+}
+
 // Cookie describes the session cookie's attributes.
 type Cookie struct {
 	Name     string
@@ -72,6 +79,8 @@ type Options struct {
 	Logger   *slog.Logger
 	Sessions Sessions
 	Keys     Keys
+	// KeyAdmin serves /v1/admin/keys; nil answers 404 there.
+	KeyAdmin KeyAdmin
 	Config   Config
 	// Ready reports whether the instance should receive traffic; nil means
 	// always. It turns false while draining.
@@ -88,6 +97,7 @@ type server struct {
 	log         *slog.Logger
 	sessions    Sessions
 	keys        Keys
+	keyAdmin    KeyAdmin
 	cfg         Config
 	ready       func() bool
 	now         func() time.Time
@@ -106,11 +116,14 @@ type server struct {
 }
 
 // NewServer returns the HTTP handler serving every tokend route.
-func NewServer(o Options) http.Handler {
+func NewServer(o Options) http.Handler { return newServer(o).router }
+
+func newServer(o Options) *server {
 	s := &server{
 		log:         o.Logger,
 		sessions:    o.Sessions,
 		keys:        o.Keys,
+		keyAdmin:    o.KeyAdmin,
 		cfg:         o.Config,
 		ready:       o.Ready,
 		now:         o.Now,
@@ -148,7 +161,7 @@ func NewServer(o Options) http.Handler {
 	}
 	s.router = chi.NewRouter()
 	s.addRoutes(s.router)
-	return s.router
+	return s
 }
 
 // addRoutes lists every route of the service.
@@ -193,6 +206,8 @@ func (s *server) addRoutes(r *chi.Mux) {
 		r.Get("/v1/admin/sessions/{sid}", s.handleGetSession())
 		r.Delete("/v1/admin/sessions/{sid}", s.handleRevokeSession())
 		r.Post("/v1/admin/subjects/{subject}/revoke", s.handleRevokeSubject())
+		r.Get("/v1/admin/keys", s.handleListKeys())
+		r.Post("/v1/admin/keys/rotate", s.handleRotateKeys())
 	})
 }
 

@@ -151,8 +151,8 @@ func canonicalClaims(raw json.RawMessage) (json.RawMessage, string) {
 	dec := json.NewDecoder(bytes.NewReader(trimmed))
 	dec.UseNumber()
 	var m map[string]any
-	if err := dec.Decode(&m); err != nil {
-		return nil, "must be a JSON object"
+	if err := dec.Decode(&m); err != nil || dec.InputOffset() != int64(len(trimmed)) {
+		return nil, "must be a JSON object" // malformed, or followed by more data
 	}
 	if len(m) == 0 {
 		return nil, ""

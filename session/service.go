@@ -193,6 +193,11 @@ func (s *Service) authenticate(ctx context.Context, cookie string) (Session, err
 	return sess, nil
 }
 
+// uncachedReader is implemented by stores that cache sessions.
+type uncachedReader interface {
+	SessionUncached(ctx context.Context, sid string) (Session, error)
+}
+
 // Token is a freshly minted access token and its timing.
 type Token struct {
 	AccessToken string
@@ -211,6 +216,16 @@ func (s *Service) Refresh(ctx context.Context, cookie string) (Token, error) {
 		return Token{}, err
 	}
 	now := s.now()
+	if sess.StatusAt(now) == StatusExpired && now.Before(sess.EndsAt()) {
+		// Only the idle deadline has passed, judged by a LastSeenAt that a
+		// caching store may hold stale (another instance may have seen the
+		// session since): refuse only on the database's word.
+		if fresh, ok := s.store.(uncachedReader); ok {
+			if sess, err = fresh.SessionUncached(ctx, sess.ID); err != nil {
+				return Token{}, fmt.Errorf("load session: %w", err)
+			}
+		}
+	}
 	switch sess.StatusAt(now) {
 	case StatusRevoked:
 		return Token{}, ErrRevoked

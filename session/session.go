@@ -29,6 +29,10 @@ var (
 	ErrRevoked = errors.New("session revoked")
 	// ErrConflict is returned by Store.CreateSession when the sid is taken.
 	ErrConflict = errors.New("session id already exists")
+	// ErrUnavailable wraps store failures that are expected to pass: the
+	// database is unreachable, restarting or too slow. Callers answer
+	// "try again later" rather than reporting an internal error.
+	ErrUnavailable = errors.New("session store unavailable")
 )
 
 // FieldError describes one request field that breaks a rule.

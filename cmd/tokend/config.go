@@ -1,6 +1,9 @@
 package main
 
 import (
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -48,6 +51,10 @@ var settings = []setting{
 	{"TOKEND_COOKIE_SAMESITE", "strict", "session cookie SameSite: strict, lax or none"},
 	{"TOKEND_SIGNING_ALG", "ES256", "signing algorithm of generated keys: ES256, EdDSA or RS256"},
 	{"TOKEND_SIGNING_KEY_FILE", "", "PEM private key to sign with instead of a generated one"},
+	{"TOKEND_DATABASE_URL", "", "PostgreSQL URL for sessions and signing keys shared by every instance (unset: in memory, lost on restart)"},
+	{"TOKEND_KEY_ENCRYPTION_KEY", "", "base64 of 32 random bytes sealing the signing keys stored in PostgreSQL; required with TOKEND_DATABASE_URL outside dev mode"},
+	{"TOKEND_KEY_ROTATION", "24h", "how often a new signing key is introduced (0: only on demand)"},
+	{"TOKEND_KEY_PUBLISH_DELAY", "", "how long a new key is in the JWKS before it signs (default: twice TOKEND_JWKS_MAX_AGE, covering stale-while-revalidate)"},
 	{"TOKEND_REDIS_URL", "", "Redis for rate limits shared by all instances: redis://host:port/db, rediss:// for TLS, ?addr=host:port (repeatable) for a Cluster, ?master_name=NAME for Sentinel (unset: per-instance limits)"},
 	{"TOKEND_RATE_SESSION", "6/min", "token and logout requests per session: N/s, N/min or N/h, optionally 'burst B', or off"},
 	{"TOKEND_RATE_IP", "600/min", "token and logout requests per client IP, same syntax"},
@@ -94,6 +101,11 @@ type config struct {
 	LogLevel          string
 	LogFormat         string
 	RedisURL          string
+	DatabaseURL       string
+	KEK               []byte
+	insecureKEK       bool // dev mode made up a fixed key-encryption key
+	KeyRotation       time.Duration
+	KeyPublishDelay   time.Duration
 	RateSession       ratelimit.Limit
 	RateIP            ratelimit.Limit
 	RateService       ratelimit.Limit
@@ -188,6 +200,8 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 		LogLevel:         strings.ToLower(value("TOKEND_LOG_LEVEL")),
 		LogFormat:        strings.ToLower(value("TOKEND_LOG_FORMAT")),
 		RedisURL:         value("TOKEND_REDIS_URL"),
+		DatabaseURL:      value("TOKEND_DATABASE_URL"),
+		KeyRotation:      duration("TOKEND_KEY_ROTATION", 0, 366*24*time.Hour),
 	}
 	c.explicitDrainTime = raw("TOKEND_DRAIN_DELAY") != ""
 
@@ -302,6 +316,31 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 		}
 		*dst = l
 	}
+	c.KeyPublishDelay = 2 * c.JWKSMaxAge
+	if raw("TOKEND_KEY_PUBLISH_DELAY") != "" {
+		c.KeyPublishDelay = duration("TOKEND_KEY_PUBLISH_DELAY", 0, 7*24*time.Hour)
+	}
+	if c.KeyRotation > 0 && c.KeyRotation < time.Minute {
+		bad("TOKEND_KEY_ROTATION=%s must be 0 or at least 1m", c.KeyRotation)
+	}
+	if c.DatabaseURL != "" {
+		if u, err := url.Parse(c.DatabaseURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+			bad("TOKEND_DATABASE_URL must be a postgres:// URL")
+		}
+	}
+	switch kek := raw("TOKEND_KEY_ENCRYPTION_KEY"); {
+	case kek != "":
+		b, err := decodeKEK(kek)
+		if err != nil {
+			bad("TOKEND_KEY_ENCRYPTION_KEY: %v", err)
+		}
+		c.KEK = b
+	case c.DatabaseURL != "" && c.SigningKeyFile == "" && c.Dev:
+		sum := sha256.Sum256([]byte("tokend insecure development key-encryption key"))
+		c.KEK, c.insecureKEK = sum[:], true
+	case c.DatabaseURL != "" && c.SigningKeyFile == "":
+		bad("TOKEND_KEY_ENCRYPTION_KEY is required with TOKEND_DATABASE_URL (generate one with: openssl rand -base64 32)")
+	}
 	if c.RedisURL != "" {
 		if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
 			bad("TOKEND_REDIS_URL must be a redis:// or rediss:// URL")
@@ -329,6 +368,19 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 		return config{}, fmt.Errorf("invalid configuration:\n  - %s", strings.Join(problems, "\n  - "))
 	}
 	return c, nil
+}
+
+// decodeKEK reads 32 bytes in standard or URL-safe base64, padded or not.
+func decodeKEK(s string) ([]byte, error) {
+	for _, enc := range []*base64.Encoding{base64.StdEncoding, base64.RawStdEncoding, base64.URLEncoding, base64.RawURLEncoding} {
+		if b, err := enc.DecodeString(s); err == nil {
+			if len(b) != 32 {
+				return nil, fmt.Errorf("must decode to 32 bytes, not %d", len(b))
+			}
+			return b, nil
+		}
+	}
+	return nil, errors.New("is not base64 (generate one with: openssl rand -base64 32)")
 }
 
 func list(s string) []string {

@@ -19,6 +19,7 @@ import (
 	"github.com/tokend/tokend/issuer"
 	"github.com/tokend/tokend/session"
 	"github.com/tokend/tokend/store/memory"
+	"github.com/tokend/tokend/store/postgres"
 	"github.com/tokend/tokend/store/ratelimit"
 	redisstore "github.com/tokend/tokend/store/redis"
 )
@@ -51,16 +52,70 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		cfg.Issuer = baseURL
 	}
 
-	key, keySource, err := signingKey(cfg)
-	if err != nil {
-		return err
-	}
 	iss, err := issuer.New(cfg.Issuer, cfg.Audience)
 	if err != nil {
 		return err
 	}
-	if err := iss.SetKeys(&key, []issuer.Key{key}); err != nil {
-		return err
+
+	bgCtx, stopBackground := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopBackground()
+
+	// Sessions: PostgreSQL when configured, memory otherwise.
+	var (
+		store     session.Store
+		keyStore  issuer.KeyStore
+		pg        *postgres.Store
+		storeName = "memory"
+		healthy   = func() bool { return true }
+	)
+	if cfg.DatabaseURL != "" {
+		if cfg.insecureKEK {
+			logger.Warn("INSECURE: no TOKEND_KEY_ENCRYPTION_KEY set; signing keys in PostgreSQL are sealed with a fixed development key. Never use this database in production.")
+		}
+		pg, err = postgres.Open(ctx, cfg.DatabaseURL, postgres.Options{Logger: logger, KEK: cfg.KEK})
+		if err != nil {
+			return err
+		}
+		defer pg.Close()
+		if err := pg.Migrate(ctx); err != nil {
+			return err
+		}
+		go pg.Run(bgCtx)
+		store, keyStore, storeName, healthy = pg, pg, "postgres", pg.Healthy
+	} else {
+		store, keyStore = memory.New(), memory.NewKeyStore()
+	}
+
+	// Signing keys: a fixed key from a file, or a rotating keyring.
+	var (
+		keyAdmin  api.KeyAdmin
+		keySource string
+	)
+	if cfg.SigningKeyFile != "" {
+		key, err := fixedKey(cfg)
+		if err != nil {
+			return err
+		}
+		if err := iss.SetKeys(&key, []issuer.Key{key}); err != nil {
+			return err
+		}
+		keyAdmin, keySource = issuer.FixedKey{Key: key}, "file"
+	} else {
+		ring := issuer.NewKeyring(iss, keyStore, issuer.KeyringConfig{
+			Algorithm:    cfg.SigningAlg,
+			Rotation:     cfg.KeyRotation,
+			PublishDelay: cfg.KeyPublishDelay,
+			RetireAfter:  cfg.TokenTTL + keyLeeway,
+		}, logger, nil)
+		if err := ring.Init(ctx); err != nil {
+			return err
+		}
+		var changed <-chan struct{}
+		if pg != nil {
+			changed = pg.KeysChanged()
+		}
+		go ring.Run(bgCtx, changed, 30*time.Second)
+		keyAdmin, keySource = ring, storeName
 	}
 
 	limiter, closeRedis, err := newLimiter(ctx, cfg, logger)
@@ -69,10 +124,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	defer closeRedis()
 
-	store := memory.New()
 	sessions := session.NewService(store, iss, session.Config{
-		TokenTTL:   cfg.TokenTTL,
-		SessionTTL: cfg.SessionTTL,
+		TokenTTL:    cfg.TokenTTL,
+		SessionTTL:  cfg.SessionTTL,
+		ReuseWindow: tokenReuseWindow,
 	})
 
 	var ready atomic.Bool
@@ -80,7 +135,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Logger:   logger,
 		Sessions: sessions,
 		Keys:     iss,
-		Ready:    ready.Load,
+		KeyAdmin: keyAdmin,
+		Ready:    func() bool { return ready.Load() && healthy() },
 		Config: api.Config{
 			Cookie: api.Cookie{
 				Name:     cfg.CookieName,
@@ -114,9 +170,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 
-	bgCtx, stopBackground := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopBackground()
-	go purgeLoop(bgCtx, logger, store, cfg.SessionRetention)
+	go purgeLoop(bgCtx, logger, store.(purger), cfg.SessionRetention)
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
@@ -126,10 +180,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		slog.String("addr", ln.Addr().String()),
 		slog.Bool("dev", cfg.Dev),
 		slog.String("issuer", cfg.Issuer),
-		slog.String("kid", key.ID),
-		slog.String("alg", string(key.Algorithm)),
+		slog.String("kid", iss.ActiveKeyID()),
+		slog.String("alg", string(cfg.SigningAlg)),
 		slog.String("key_source", keySource),
-		slog.String("store", "memory"),
+		slog.String("store", storeName),
 		slog.String("rate_limits", limitsSummary(cfg)),
 		slog.Int("max_inflight", cfg.MaxInflight))
 	if cfg.Dev {
@@ -169,21 +223,25 @@ func newLogger(cfg config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
-// signingKey loads the configured key file or generates a key.
-func signingKey(cfg config) (issuer.Key, string, error) {
-	if cfg.SigningKeyFile == "" {
-		k, err := issuer.GenerateKey(cfg.SigningAlg, time.Now())
-		return k, "generated", err
-	}
+// tokenReuseWindow is how long refreshes of one session share a token: long
+// enough to cover tabs and reloads arriving together, far below refresh_in.
+const tokenReuseWindow = 2 * time.Second
+
+// keyLeeway is added to the token TTL before a retired key leaves the JWKS,
+// for validators whose clocks run behind.
+const keyLeeway = time.Minute
+
+// fixedKey loads the configured key file.
+func fixedKey(cfg config) (issuer.Key, error) {
 	data, err := os.ReadFile(cfg.SigningKeyFile)
 	if err != nil {
-		return issuer.Key{}, "", fmt.Errorf("TOKEND_SIGNING_KEY_FILE: %w", err)
+		return issuer.Key{}, fmt.Errorf("TOKEND_SIGNING_KEY_FILE: %w", err)
 	}
 	k, err := issuer.ParsePrivateKeyPEM(data, time.Now())
 	if err != nil {
-		return issuer.Key{}, "", fmt.Errorf("TOKEND_SIGNING_KEY_FILE %s: %w", cfg.SigningKeyFile, err)
+		return issuer.Key{}, fmt.Errorf("TOKEND_SIGNING_KEY_FILE %s: %w", cfg.SigningKeyFile, err)
 	}
-	return k, "file", nil
+	return k, nil
 }
 
 // newLimiter returns the rate limiter: Redis-backed with a per-instance
@@ -261,7 +319,11 @@ func dialable(a *net.TCPAddr) string {
 // generated keys is the point: they exist only in this process.
 func printDevBanner(w io.Writer, cfg config, base string) {
 	var b strings.Builder
-	fmt.Fprintf(&b, "tokend is running at %s (dev mode: in-memory sessions, generated %s key, cookies without Secure; not for production)\n\n", base, cfg.SigningAlg)
+	where := "in-memory sessions and keys"
+	if cfg.DatabaseURL != "" {
+		where = "sessions and keys in PostgreSQL"
+	}
+	fmt.Fprintf(&b, "tokend is running at %s (dev mode: %s, %s keys, cookies without Secure; not for production)\n\n", base, where, cfg.SigningAlg)
 	svc, adm := cfg.ServiceKeys[0], cfg.AdminKeys[0]
 	if cfg.generatedAPIKeys {
 		fmt.Fprintf(&b, "  service key: %s\n  admin key:   %s\n\n", svc, adm)
