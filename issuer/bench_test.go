@@ -107,4 +107,3 @@ func BenchmarkMint(b *testing.B) {
 		})
 	}
 }
-
