@@ -168,9 +168,10 @@ type Store interface {
 	// already is, and returns it as stored afterwards. ErrNotFound if absent.
 	RevokeSession(ctx context.Context, sid string, at time.Time, reason string) (Session, error)
 	// RevokeSubject revokes every session of subject that is neither revoked
-	// nor past its absolute expiry at the given time, and returns the ids it
+	// nor past its Deadline at the given time, and returns the ids it
 	// revoked.
 	RevokeSubject(ctx context.Context, subject string, at time.Time, reason string) ([]string, error)
-	// SessionsBySubject returns up to limit sessions of subject, newest first.
+	// SessionsBySubject returns up to limit sessions of subject, newest
+	// first; a limit below 1 returns none.
 	SessionsBySubject(ctx context.Context, subject string, limit int) ([]Session, error)
 }

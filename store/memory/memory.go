@@ -96,7 +96,7 @@ func (m *Store) RevokeSubject(_ context.Context, subject string, at time.Time, r
 	var revoked []string
 	for sid := range m.bySubject[subject] {
 		s := m.sessions[sid]
-		if s.RevokedAt.IsZero() && at.Before(s.ExpiresAt) {
+		if s.RevokedAt.IsZero() && at.Before(s.Deadline()) {
 			s.RevokedAt = at
 			s.RevokeReason = reason
 			revoked = append(revoked, sid)
@@ -120,13 +120,13 @@ func (m *Store) SessionsBySubject(_ context.Context, subject string, limit int) 
 		}
 		return strings.Compare(a.ID, b.ID)
 	})
-	if len(out) > limit {
-		out = out[:limit]
+	if len(out) > max(limit, 0) {
+		out = out[:max(limit, 0)]
 	}
 	return out, nil
 }
 
-// Purge deletes sessions that ended (expired or revoked) before cutoff and
+// Purge deletes sessions that ended (expired, idle or revoked) before cutoff and
 // returns how many it deleted. Callers pass now minus a retention period, so
 // that admins can still look at recently ended sessions.
 func (m *Store) Purge(_ context.Context, cutoff time.Time) (int, error) {
@@ -134,7 +134,7 @@ func (m *Store) Purge(_ context.Context, cutoff time.Time) (int, error) {
 	defer m.mu.Unlock()
 	n := 0
 	for sid, s := range m.sessions {
-		ended := s.ExpiresAt
+		ended := s.Deadline()
 		if !s.RevokedAt.IsZero() && s.RevokedAt.Before(ended) {
 			ended = s.RevokedAt
 		}

@@ -174,7 +174,7 @@ func (s *Store) RevokeSubject(ctx context.Context, subject string, at time.Time,
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		rows, err := tx.Query(ctx, `WITH revoked AS (
 				UPDATE sessions SET revoked_at = $2, revoke_reason = $3
-				WHERE subject = $1 AND revoked_at IS NULL AND expires_at > $2
+				WHERE subject = $1 AND revoked_at IS NULL AND ends_at > $2
 				RETURNING sid)
 			SELECT sid, pg_notify($4, sid) FROM revoked ORDER BY sid`, subject, at, reason, sessionsChannel)
 		if err != nil {
@@ -203,7 +203,7 @@ func (s *Store) SessionsBySubject(ctx context.Context, subject string, limit int
 	ctx, cancel := s.op(ctx)
 	defer cancel()
 	rows, err := s.pool.Query(ctx, `SELECT `+sessionColumns+` FROM sessions WHERE subject = $1
-		ORDER BY created_at DESC, sid LIMIT $2`, subject, limit)
+		ORDER BY created_at DESC, sid LIMIT $2`, subject, max(limit, 0))
 	if err != nil {
 		return nil, fmt.Errorf("list sessions: %w", classify(err))
 	}
