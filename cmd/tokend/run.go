@@ -105,7 +105,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			Algorithm:    cfg.SigningAlg,
 			Rotation:     cfg.KeyRotation,
 			PublishDelay: cfg.KeyPublishDelay,
-			RetireAfter:  cfg.TokenTTL + keyLeeway,
+			RetireAfter:  cfg.TokenTTL + min(cfg.TokenTTL, maxKeyLeeway),
 		}, logger, nil)
 		if err := ring.Init(ctx); err != nil {
 			return err
@@ -227,9 +227,10 @@ func newLogger(cfg config, w io.Writer) *slog.Logger {
 // enough to cover tabs and reloads arriving together, far below refresh_in.
 const tokenReuseWindow = 2 * time.Second
 
-// keyLeeway is added to the token TTL before a retired key leaves the JWKS,
-// for validators whose clocks run behind.
-const keyLeeway = time.Minute
+// maxKeyLeeway bounds the time added to the token TTL before a retired key
+// leaves the JWKS, for validators whose clocks run behind. The leeway is the
+// TTL itself when that is shorter.
+const maxKeyLeeway = time.Minute
 
 // fixedKey loads the configured key file.
 func fixedKey(cfg config) (issuer.Key, error) {
