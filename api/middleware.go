@@ -70,8 +70,11 @@ func (s *server) accessLog(next http.Handler) http.Handler {
 		if status == 0 {
 			status = http.StatusOK
 		}
+		// 503s are answers by design (shedding, a dependency down) and come
+		// in floods; they are logged like any other refusal. Other 5xx are
+		// errors.
 		level := slog.LevelInfo
-		if status >= 500 {
+		if status >= 500 && status != http.StatusServiceUnavailable {
 			level = slog.LevelError
 		}
 		s.log.LogAttrs(r.Context(), level, "request",
