@@ -6,23 +6,31 @@ import (
 	"strings"
 )
 
+// Client IP headers a trusted proxy may write.
+const (
+	HeaderXForwardedFor = "X-Forwarded-For"
+	HeaderForwarded     = "Forwarded"
+)
+
 // clientIP returns the address of the client behind r. It is the socket
 // peer, unless the peer is a trusted proxy: then it is the right-most
-// address in Forwarded (or, without Forwarded, X-Forwarded-For) that is not
-// itself a trusted proxy. Headers from untrusted peers are never read, so a
-// client cannot choose its own address. If every listed address is trusted,
-// the left-most one is the client; if the chain holds something that is not
-// an address, the walk stops at the last trusted hop before it.
-func clientIP(r *http.Request, trusted []netip.Prefix) netip.Addr {
+// address in header (X-Forwarded-For or Forwarded, the one the proxies are
+// known to write) that is not itself a trusted proxy. Only that header is
+// read: a proxy that appends to X-Forwarded-For but passes Forwarded through
+// untouched would otherwise let clients pick their own address there.
+// Headers from untrusted peers are never read. If every listed address is
+// trusted, the left-most one is the client; if the chain holds something
+// that is not an address, the walk stops at the last trusted hop before it.
+func clientIP(r *http.Request, trusted []netip.Prefix, header string) netip.Addr {
 	peer := peerAddr(r.RemoteAddr)
 	if len(trusted) == 0 || !isTrusted(peer, trusted) {
 		return peer
 	}
 	var chain []string
-	if fwd := r.Header.Values("Forwarded"); len(fwd) > 0 {
-		chain = forwardedFor(fwd)
+	if header == HeaderForwarded {
+		chain = forwardedFor(r.Header.Values(HeaderForwarded))
 	} else {
-		for _, v := range r.Header.Values("X-Forwarded-For") {
+		for _, v := range r.Header.Values(HeaderXForwardedFor) {
 			for _, part := range strings.Split(v, ",") {
 				chain = append(chain, strings.TrimSpace(part))
 			}
@@ -121,11 +129,16 @@ func ParseTrustedProxies(list []string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for _, s := range list {
 		if p, err := netip.ParsePrefix(s); err == nil {
+			// Peers are compared unmapped, so an IPv4-mapped prefix
+			// (::ffff:10.0.0.0/104) must become its IPv4 form to match.
+			if p.Addr().Is4In6() && p.Bits() >= 96 {
+				p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+			}
 			out = append(out, p.Masked())
 			continue
 		}
 		a, err := netip.ParseAddr(s)
-		if err != nil {
+		if err != nil || a.Zone() != "" { // "fe80::1%eth0/64" parses as a zone "eth0/64"
 			return nil, &invalidProxyError{s}
 		}
 		out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))

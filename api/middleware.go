@@ -84,7 +84,7 @@ func (s *server) accessLog(next http.Handler) http.Handler {
 			slog.Int("status", status),
 			slog.Int("bytes", ww.BytesWritten()),
 			slog.Duration("duration", time.Since(start)),
-			slog.String("client_ip", clientIP(r, s.trusted).String()),
+			slog.String("client_ip", clientIP(r, s.trusted, s.cfg.ClientIPHeader).String()),
 		)
 	})
 }

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"math/rand/v2"
@@ -67,7 +68,7 @@ func newGate(size, queue int, wait time.Duration) *gate {
 	return &gate{slots: make(chan struct{}, size), maxQueue: int64(queue), wait: wait}
 }
 
-func (g *gate) enter() bool {
+func (g *gate) enter(ctx context.Context) bool {
 	select {
 	case g.slots <- struct{}{}:
 		return true
@@ -85,6 +86,8 @@ func (g *gate) enter() bool {
 		return true
 	case <-t.C:
 		return false
+	case <-ctx.Done():
+		return false
 	}
 }
 
@@ -97,7 +100,7 @@ func (s *server) shed(next http.Handler) http.Handler {
 		return next
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !s.gate.enter() {
+		if !s.gate.enter(r.Context()) {
 			s.shedCount.Add(1)
 			s.fail(w, r, &Error{Status: http.StatusServiceUnavailable, Code: "overloaded",
 				Detail: "The service is at capacity; retry after the number of seconds in Retry-After.",
@@ -124,8 +127,15 @@ type limitPolicy struct {
 	key   func(s *server, r *http.Request) string // "" skips the limit
 }
 
+// ipKey keys IPv4 clients by address and IPv6 clients by their /64: one
+// subscriber usually holds a whole /64 and could otherwise rotate through it.
 func ipKey(s *server, r *http.Request) string {
-	return "ip:" + clientIP(r, s.trusted).String()
+	a := clientIP(r, s.trusted, s.cfg.ClientIPHeader)
+	if a.Is6() {
+		p, _ := a.Prefix(64)
+		return "ip:" + p.String()
+	}
+	return "ip:" + a.String()
 }
 
 // sessionKey identifies the session by its sid and a digest of the secret.
@@ -221,10 +231,10 @@ func ceilSeconds(d time.Duration) int {
 }
 
 // policyField renders one RateLimit-Policy item
-// (draft-ietf-httpapi-ratelimit-headers): quota q per window w seconds.
+// (draft-ietf-httpapi-ratelimit-headers): quota q per window w seconds, the
+// configured rate. The burst has no field of its own in the draft.
 func policyField(p limitPolicy) string {
-	window := int(p.limit.Period/time.Second) * p.limit.Burst / p.limit.Rate
-	return `"` + p.name + `";q=` + strconv.Itoa(p.limit.Burst) + ";w=" + strconv.Itoa(max(window, 1))
+	return `"` + p.name + `";q=` + strconv.Itoa(p.limit.Rate) + ";w=" + strconv.Itoa(max(int(p.limit.Period/time.Second), 1))
 }
 
 // rateField renders one RateLimit item: r remaining, t seconds to reset.

@@ -70,6 +70,9 @@ type Config struct {
 	// TrustedProxies are the peers whose Forwarded / X-Forwarded-For
 	// headers are believed when finding the client IP.
 	TrustedProxies []netip.Prefix
+	// ClientIPHeader is the header the trusted proxies write:
+	// HeaderXForwardedFor (the default) or HeaderForwarded.
+	ClientIPHeader string
 	// Protection holds the rate limits and the shedding bound.
 	Protection Protection
 }
@@ -166,7 +169,9 @@ func newServer(o Options) *server {
 
 // addRoutes lists every route of the service.
 func (s *server) addRoutes(r *chi.Mux) {
-	r.Use(s.recoverPanics, s.requestID, s.accessLog)
+	// requestID comes first so that a recovered panic is answered and logged
+	// with the request id.
+	r.Use(s.requestID, s.recoverPanics, s.accessLog)
 	r.NotFound(s.handleNotFound())
 	r.MethodNotAllowed(s.handleMethodNotAllowed(r))
 

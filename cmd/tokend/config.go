@@ -60,6 +60,7 @@ var settings = []setting{
 	{"TOKEND_RATE_IP", "600/min", "token and logout requests per client IP, same syntax"},
 	{"TOKEND_RATE_SERVICE", "6000/min", "session creations per service key, same syntax"},
 	{"TOKEND_TRUSTED_PROXIES", "", "comma list of CIDR prefixes whose Forwarded / X-Forwarded-For headers name the client IP"},
+	{"TOKEND_CLIENT_IP_HEADER", "x-forwarded-for", "the header the trusted proxies write the client address into: x-forwarded-for or forwarded (only that one is read)"},
 	{"TOKEND_MAX_INFLIGHT", "auto", "concurrent token and session requests before the excess is shed with 503 (auto: 8 per CPU; 0: no bound)"},
 	{"TOKEND_JWKS_MAX_AGE", "5m", "Cache-Control max-age of the JWKS document"},
 	{"TOKEND_SESSION_RETENTION", "24h", "how long ended sessions stay visible to admins before they are purged"},
@@ -110,6 +111,7 @@ type config struct {
 	RateIP            ratelimit.Limit
 	RateService       ratelimit.Limit
 	TrustedProxies    []netip.Prefix
+	ClientIPHeader    string
 	MaxInflight       int
 	generatedAPIKeys  bool // dev mode made up the service and admin keys
 	explicitDrainTime bool
@@ -350,6 +352,14 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 		bad("TOKEND_TRUSTED_PROXIES: %v", err)
 	} else {
 		c.TrustedProxies = p
+	}
+	switch v := strings.ToLower(value("TOKEND_CLIENT_IP_HEADER")); v {
+	case "x-forwarded-for":
+		c.ClientIPHeader = api.HeaderXForwardedFor
+	case "forwarded":
+		c.ClientIPHeader = api.HeaderForwarded
+	default:
+		bad("TOKEND_CLIENT_IP_HEADER=%q must be x-forwarded-for or forwarded", v)
 	}
 	switch v := value("TOKEND_MAX_INFLIGHT"); v {
 	case "auto":

@@ -150,6 +150,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			AdminKeys:      cfg.AdminKeys,
 			JWKSMaxAge:     cfg.JWKSMaxAge,
 			TrustedProxies: cfg.TrustedProxies,
+			ClientIPHeader: cfg.ClientIPHeader,
 			Protection: api.Protection{
 				Limiter:      limiter,
 				SessionLimit: cfg.RateSession,

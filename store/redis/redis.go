@@ -53,19 +53,31 @@ func NewClient(rawURL string) (goredis.UniversalClient, error) {
 		if err != nil {
 			return nil, cleanErr(err)
 		}
+		setDefaults(opt)
 		addrs := append([]string{opt.Addr}, extra...)
 		return goredis.NewFailoverClient(&goredis.FailoverOptions{
 			MasterName:    masterName,
 			SentinelAddrs: addrs,
+			ClientName:    opt.ClientName,
+			Protocol:      opt.Protocol,
 			Username:      opt.Username,
 			Password:      opt.Password,
 			DB:            opt.DB,
 			TLSConfig:     opt.TLSConfig,
-			DialTimeout:   dialTimeout,
-			ReadTimeout:   ioTimeout,
-			WriteTimeout:  ioTimeout,
-			PoolTimeout:   poolTimeout,
-			MaxRetries:    -1,
+			// The query options parsed above, bounded by setDefaults.
+			DialTimeout:     opt.DialTimeout,
+			DialerRetries:   opt.DialerRetries,
+			ReadTimeout:     opt.ReadTimeout,
+			WriteTimeout:    opt.WriteTimeout,
+			PoolTimeout:     opt.PoolTimeout,
+			PoolFIFO:        opt.PoolFIFO,
+			PoolSize:        opt.PoolSize,
+			MinIdleConns:    opt.MinIdleConns,
+			MaxIdleConns:    opt.MaxIdleConns,
+			MaxActiveConns:  opt.MaxActiveConns,
+			ConnMaxIdleTime: opt.ConnMaxIdleTime,
+			ConnMaxLifetime: opt.ConnMaxLifetime,
+			MaxRetries:      opt.MaxRetries,
 		}), nil
 	case len(extra) > 0:
 		opt, err := goredis.ParseClusterURL(rawURL)
@@ -94,6 +106,9 @@ func setDefaults(o *goredis.Options) {
 	// A limiter call that fails falls back at once; retrying against a
 	// dead server would only hold the request.
 	o.MaxRetries = -1
+	if o.DialerRetries == 0 { // go-redis would dial 5 times, 100ms apart
+		o.DialerRetries = 1
+	}
 }
 
 func setClusterDefaults(o *goredis.ClusterOptions) {
@@ -104,6 +119,9 @@ func setClusterDefaults(o *goredis.ClusterOptions) {
 	o.WriteTimeout = min(nonZero(o.WriteTimeout, ioTimeout), ioTimeout)
 	o.PoolTimeout = min(nonZero(o.PoolTimeout, poolTimeout), poolTimeout)
 	o.MaxRetries = -1
+	if o.DialerRetries == 0 {
+		o.DialerRetries = 1
+	}
 }
 
 func nonZero(d, def time.Duration) time.Duration {
