@@ -255,6 +255,7 @@ func newLimiter(ctx context.Context, cfg config, logger *slog.Logger) (*ratelimi
 	if cfg.RedisURL == "" {
 		return ratelimit.NewFallback(nil, opts), func() {}, nil
 	}
+	redisstore.UseLogger(logger)
 	client, err := redisstore.NewClient(cfg.RedisURL)
 	if err != nil {
 		return nil, nil, fmt.Errorf("TOKEND_REDIS_URL: %w", err)

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"time"
 
@@ -171,4 +172,15 @@ func (l *Limiter) Allow(ctx context.Context, key string, lim ratelimit.Limit) (r
 		out.RetryAfter = res.RetryAfter
 	}
 	return out, nil
+}
+
+// UseLogger sends go-redis's own messages (pool and connection trouble)
+// to logger at warning level instead of the standard library's logger. It
+// is process-wide.
+func UseLogger(logger *slog.Logger) { goredis.SetLogger(slogLogger{logger}) }
+
+type slogLogger struct{ l *slog.Logger }
+
+func (s slogLogger) Printf(ctx context.Context, format string, v ...any) {
+	s.l.WarnContext(ctx, "redis client", slog.String("message", fmt.Sprintf(format, v...)))
 }
