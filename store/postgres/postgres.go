@@ -26,8 +26,10 @@ import (
 
 // Notification channels.
 const (
-	sessionsChannel = "tokend_sessions" // payload: a revoked sid
-	keysChannel     = "tokend_keys"     // payload: empty; the key set changed
+	sessionsChannel  = "tokend_sessions"  // payload: a revoked sid
+	keysChannel      = "tokend_keys"      // payload: empty; the key set changed
+	acksChannel      = "tokend_acks"      // payload: instance id, then the sids it dropped from its cache
+	instancesChannel = "tokend_instances" // payload: an instance id ("+id" alive, "-id" leaving)
 )
 
 // Advisory lock ids, fixed so that every instance agrees on them.
@@ -50,6 +52,10 @@ type Options struct {
 	// CacheTTL is how long a cached session is trusted before it is read
 	// again, whatever notifications say.
 	CacheTTL time.Duration
+	// CacheWarmUp is how long after (re)connecting the cache stays unused,
+	// so that every other instance has heard this one's announcement and
+	// waits for its acknowledgements; 0 means one second.
+	CacheWarmUp time.Duration
 }
 
 // Store is the PostgreSQL session and key store.
@@ -60,7 +66,12 @@ type Store struct {
 	opTimeout time.Duration
 	cache     *sessionCache
 
-	listening   atomic.Bool // the LISTEN connection is up: the cache may be used
+	peers       *peers
+	ackQueue    chan string
+	announceNow chan struct{}
+	listening   atomic.Bool  // the LISTEN connection is up
+	cacheFrom   atomic.Int64 // unix nanoseconds from which the cache may be used
+	warmUp      time.Duration
 	healthy     atomic.Bool // the last health check reached the database
 	keysChanged chan struct{}
 }
@@ -83,6 +94,9 @@ func Open(ctx context.Context, url string, o Options) (*Store, error) {
 	if o.CacheTTL <= 0 {
 		o.CacheTTL = 30 * time.Second
 	}
+	if o.CacheWarmUp <= 0 {
+		o.CacheWarmUp = time.Second
+	}
 	if len(o.KEK) != 32 {
 		return nil, errors.New("the key-encryption key must be 32 bytes")
 	}
@@ -95,8 +109,12 @@ func Open(ctx context.Context, url string, o Options) (*Store, error) {
 		log:         o.Logger,
 		kek:         append([]byte(nil), o.KEK...),
 		opTimeout:   o.OpTimeout,
+		warmUp:      o.CacheWarmUp,
 		keysChanged: make(chan struct{}, 1),
 	}
+	s.peers = newPeers(randomID())
+	s.ackQueue = make(chan string, 4096)
+	s.announceNow = make(chan struct{}, 1)
 	if o.CacheSize >= 0 {
 		s.cache = newSessionCache(o.CacheSize, o.CacheTTL)
 	}
@@ -152,7 +170,13 @@ func (s *Store) KeysChanged() <-chan struct{} { return s.keysChanged }
 // ends.
 func (s *Store) Run(ctx context.Context) {
 	go s.healthLoop(ctx)
+	go s.ackLoop(ctx)
+	go s.announceLoop(ctx)
 	s.listenLoop(ctx)
+	// Tell the others not to wait for this instance's acknowledgements.
+	bye, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	defer cancel()
+	_, _ = s.pool.Exec(bye, `SELECT pg_notify($1, $2)`, instancesChannel, "-"+s.peers.self)
 }
 
 func (s *Store) healthLoop(ctx context.Context) {

@@ -76,7 +76,7 @@ func (s *Store) CreateSession(ctx context.Context, sess session.Session) error {
 // reaches every instance's cache through NOTIFY, and the cache is emptied
 // and bypassed whenever notifications may have been missed.
 func (s *Store) Session(ctx context.Context, sid string) (session.Session, error) {
-	useCache := s.cache != nil && s.listening.Load()
+	useCache := s.cacheUsable()
 	var gen uint64
 	if useCache {
 		if sess, ok := s.cache.get(sid); ok {
@@ -96,9 +96,14 @@ func (s *Store) Session(ctx context.Context, sid string) (session.Session, error
 
 // SessionUncached reads the session from the database, bypassing the cache.
 func (s *Store) SessionUncached(ctx context.Context, sid string) (session.Session, error) {
+	useCache := s.cacheUsable()
+	var gen uint64
+	if useCache {
+		gen = s.cache.generation() // before the read, as in Session
+	}
 	sess, err := s.loadSession(ctx, sid)
-	if err == nil && s.cache != nil && s.listening.Load() {
-		s.cache.put(sid, sess, s.cache.generation())
+	if err == nil && useCache {
+		s.cache.put(sid, sess, gen)
 	}
 	return sess, err
 }
@@ -142,6 +147,8 @@ func (s *Store) TouchSession(ctx context.Context, sid string, at time.Time) erro
 func (s *Store) RevokeSession(ctx context.Context, sid string, at time.Time, reason string) (session.Session, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
+	acks := s.expectAcks([]string{sid})
+	defer acks.cancel()
 	var sess session.Session
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var err error
@@ -163,28 +170,39 @@ func (s *Store) RevokeSession(ctx context.Context, sid string, at time.Time, rea
 	if err != nil {
 		return session.Session{}, fmt.Errorf("revoke session: %w", classify(err))
 	}
+	s.awaitAcks(ctx, acks)
 	return sess, nil
 }
 
-// RevokeSubject implements session.Store.
+// RevokeSubject implements session.Store. The sessions to revoke are locked
+// and listed first, so that the wait for every instance's acknowledgement
+// can be set up before the notifications go out.
 func (s *Store) RevokeSubject(ctx context.Context, subject string, at time.Time, reason string) ([]string, error) {
 	ctx, cancel := s.op(ctx)
 	defer cancel()
-	var ids []string
+	var (
+		ids  []string
+		acks *ackWait
+	)
+	defer func() { acks.cancel() }()
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, `WITH revoked AS (
-				UPDATE sessions SET revoked_at = $2, revoke_reason = $3
-				WHERE subject = $1 AND revoked_at IS NULL AND ends_at > $2
-				RETURNING sid)
-			SELECT sid, pg_notify($4, sid) FROM revoked ORDER BY sid`, subject, at, reason, sessionsChannel)
+		rows, err := tx.Query(ctx, `SELECT sid FROM sessions
+			WHERE subject = $1 AND revoked_at IS NULL AND ends_at > $2
+			ORDER BY sid FOR UPDATE`, subject, at)
 		if err != nil {
 			return err
 		}
-		ids, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (string, error) {
-			var sid string
-			var ignored any
-			return sid, r.Scan(&sid, &ignored)
-		})
+		ids, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil || len(ids) == 0 {
+			return err
+		}
+		acks.cancel()
+		acks = s.expectAcks(ids)
+		if _, err := tx.Exec(ctx, `UPDATE sessions SET revoked_at = $2, revoke_reason = $3 WHERE sid = ANY($1)`,
+			ids, at, reason); err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, `SELECT pg_notify($1, sid) FROM unnest($2::text[]) AS sid`, sessionsChannel, ids)
 		return err
 	})
 	if s.cache != nil {
@@ -195,6 +213,10 @@ func (s *Store) RevokeSubject(ctx context.Context, subject string, at time.Time,
 	if err != nil {
 		return nil, fmt.Errorf("revoke subject: %w", classify(err))
 	}
+	if ids == nil {
+		ids = []string{}
+	}
+	s.awaitAcks(ctx, acks)
 	return ids, nil
 }
 
@@ -323,6 +345,11 @@ func (c *sessionCache) flush() {
 	c.lru.Purge()
 }
 
+// cacheUsable reports whether sessions may be served from the cache now.
+func (s *Store) cacheUsable() bool {
+	return s.cache != nil && s.listening.Load() && time.Now().UnixNano() >= s.cacheFrom.Load()
+}
+
 // listenLoop holds a dedicated connection listening for revocations and key
 // changes, reconnecting with backoff. While it is down the cache is not
 // used; after every (re)connection the cache is emptied, since
@@ -354,7 +381,7 @@ func (s *Store) listen(ctx context.Context) error {
 	// The connection is dedicated to LISTEN; it never goes back to the pool.
 	pc := conn.Hijack()
 	defer pc.Close(context.WithoutCancel(ctx))
-	for _, ch := range []string{sessionsChannel, keysChannel} {
+	for _, ch := range []string{sessionsChannel, keysChannel, acksChannel, instancesChannel} {
 		if _, err := pc.Exec(ctx, "LISTEN "+ch); err != nil {
 			return err
 		}
@@ -362,7 +389,13 @@ func (s *Store) listen(ctx context.Context) error {
 	if s.cache != nil {
 		s.cache.flush()
 	}
+	// For a warm-up after (re)connecting, sessions are read from the
+	// database only: long enough for every other instance to have heard
+	// this one's announcement, so that their revocations wait for its
+	// acknowledgement before they return.
+	s.cacheFrom.Store(time.Now().Add(s.warmUp).UnixNano())
 	s.listening.Store(true)
+	s.announceSoon()
 	// Keys may have changed while we were not listening.
 	s.signalKeys()
 	for {
@@ -374,6 +407,14 @@ func (s *Store) listen(ctx context.Context) error {
 		case sessionsChannel:
 			if s.cache != nil {
 				s.cache.invalidate(n.Payload)
+			}
+			s.peers.acked(s.peers.self, n.Payload)
+			s.queueAck(n.Payload)
+		case acksChannel:
+			s.peers.ackPayload(n.Payload)
+		case instancesChannel:
+			if s.peers.announce(n.Payload, time.Now()) {
+				s.announceSoon()
 			}
 		case keysChannel:
 			s.signalKeys()
