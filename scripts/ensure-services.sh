@@ -9,7 +9,8 @@
 #
 # The Go tests find the services through two variables, whose defaults match
 # what this script provides (PostgreSQL with trust auth for 127.0.0.1):
-#   TOKEND_TEST_DATABASE_URL  postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable
+#   TEST_DATABASE_URL         postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable
+#                             (TOKEND_TEST_DATABASE_URL is read too)
 #   TOKEND_TEST_REDIS_URL     redis://127.0.0.1:6379/0
 # This script exports nothing. If you point those variables at other servers, set
 # PG_HOST/PG_PORT and REDIS_HOST/REDIS_PORT to match; the script then only
@@ -149,7 +150,7 @@ $(pg_lsclusters)
 # pg_test_db creates the database "test" if it is missing. It is skipped when
 # TOKEND_TEST_DATABASE_URL is set: that database is the developer's business.
 pg_test_db() {
-	[[ -z ${TOKEND_TEST_DATABASE_URL:-} ]] || return 0
+	[[ -z ${TEST_DATABASE_URL:-}${TOKEND_TEST_DATABASE_URL:-} ]] || return 0
 	have psql || die "psql is missing, so the database test cannot be checked; install it with: sudo apt-get install postgresql-client"
 	local psql=(psql -X -w -q -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -Atc) out
 	out=$(PGCONNECT_TIMEOUT=5 "${psql[@]}" "select 1 from pg_database where datname = 'test'" 2>&1) ||

@@ -25,11 +25,13 @@ import (
 const DefaultDatabaseURL = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
 
 // adminDatabaseURL returns the URL of a database on the shared test server
-// in which the tests may create and drop databases: TOKEND_TEST_DATABASE_URL
-// (the name scripts/ensure-services.sh documents), or DefaultDatabaseURL.
+// in which the tests may create and drop databases: TEST_DATABASE_URL,
+// TOKEND_TEST_DATABASE_URL, or DefaultDatabaseURL.
 func adminDatabaseURL() string {
-	if u := os.Getenv("TOKEND_TEST_DATABASE_URL"); u != "" {
-		return u
+	for _, name := range []string{"TEST_DATABASE_URL", "TOKEND_TEST_DATABASE_URL"} {
+		if u := os.Getenv(name); u != "" {
+			return u
+		}
 	}
 	return DefaultDatabaseURL
 }
@@ -47,7 +49,7 @@ func DatabaseURL(t testing.TB) string {
 	admin := adminDatabaseURL()
 	u, err := url.Parse(admin)
 	if err != nil {
-		t.Fatalf("testenv: TOKEND_TEST_DATABASE_URL=%s is not a URL: %v", redactURL(admin), err)
+		t.Fatalf("testenv: the test database URL %s is not a URL: %v", redactURL(admin), err)
 	}
 	name := "tokend_test_" + strings.ToLower(uniqueName(t))
 	if len(name) > maxIdentifier {
@@ -84,7 +86,7 @@ func adminExec(t testing.TB, admin, sql string) {
 	conn, err := pgx.Connect(ctx, admin)
 	if err != nil {
 		t.Fatalf("testenv: the test PostgreSQL at %s does not answer (%v). These tests need it and never skip: "+
-			"run scripts/ensure-services.sh, or point TOKEND_TEST_DATABASE_URL at a server where you may create databases.",
+			"run scripts/ensure-services.sh, or point TEST_DATABASE_URL at a server where you may create databases.",
 			redactURL(admin), err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))

@@ -1,13 +1,15 @@
 // Package testenv gives tokend's tests the external services they talk to:
-// the shared test Redis (TOKEND_TEST_REDIS_URL) and throw-away redis-server
-// processes that a test may kill and restart.
+// a fresh database per test on the shared PostgreSQL (TEST_DATABASE_URL),
+// the shared test Redis (TOKEND_TEST_REDIS_URL), and throw-away PostgreSQL
+// and Redis servers that a test may stop and restart.
 //
 // A test that needs a service FAILS when the service is missing; it never
 // skips. CI must not go green by testing nothing. Run
 // scripts/ensure-services.sh (or `make test`) to start the services locally.
 //
-// Tests sharing one server must not see each other's data: each takes a
-// unique key prefix (RedisPrefix) and never flushes the server.
+// Tests sharing one server must not see each other's data: each takes its
+// own database or a unique key prefix (RedisPrefix) and never flushes the
+// server.
 package testenv
 
 import (
