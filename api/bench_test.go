@@ -93,6 +93,7 @@ func BenchmarkTokenEndpoint(b *testing.B) {
 			req.Header.Set("Cookie", cookie)
 			w := &discardWriter{h: http.Header{}}
 			b.ReportAllocs()
+			start := processCPU()
 			for b.Loop() {
 				w.reset()
 				h.ServeHTTP(w, req)
@@ -100,6 +101,7 @@ func BenchmarkTokenEndpoint(b *testing.B) {
 					b.Fatalf("status %d", w.status)
 				}
 			}
+			reportCPU(b, start)
 		})
 	}
 }
