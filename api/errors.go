@@ -115,6 +115,13 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 			slog.String("route", r.Pattern),
 			slog.Any("error", err))
 	}
+	switch p.Code {
+	case "unavailable", "internal":
+		s.metrics.storeErrors.WithLabelValues(p.Code).Inc()
+	}
+	if r.URL.Path == "/v1/token" && r.Method == http.MethodPost {
+		s.metrics.refusals.WithLabelValues(p.Code).Inc()
+	}
 	if p.clearCookie {
 		http.SetCookie(w, s.clearCookie())
 	}

@@ -71,6 +71,7 @@ func (s *server) handleJWKS() http.HandlerFunc {
 		length []string
 	}
 	var cache atomic.Pointer[prepared]
+	served, notModified := s.metrics.jwks.WithLabelValues("200"), s.metrics.jwks.WithLabelValues("304")
 	return func(w http.ResponseWriter, r *http.Request) {
 		doc := s.keys.JWKS()
 		p := cache.Load()
@@ -83,9 +84,11 @@ func (s *server) handleJWKS() http.HandlerFunc {
 		h["Etag"] = p.etag
 		h["Access-Control-Allow-Origin"] = anyOrigin
 		if etagMatches(r.Header.Get("If-None-Match"), doc.ETag) {
+			notModified.Inc()
 			w.WriteHeader(http.StatusNotModified)
 			return
 		}
+		served.Inc()
 		h["Content-Type"] = contentType
 		h["Content-Length"] = p.length
 		w.WriteHeader(http.StatusOK)
@@ -154,6 +157,8 @@ func (s *server) handleToken() http.HandlerFunc {
 			s.fail(w, r, err)
 			return
 		}
+		s.metrics.tokens.Inc()
+		s.metrics.refreshIn.Observe(tok.Plan.RefreshIn.Seconds())
 		w.Header().Set("Cache-Control", "no-store")
 		encode(w, http.StatusOK, tokenResponse{
 			AccessToken:      tok.AccessToken,
@@ -178,6 +183,7 @@ func (s *server) handleLogout() http.HandlerFunc {
 			s.fail(w, r, err)
 			return
 		}
+		s.metrics.revoked.WithLabelValues("logout").Inc()
 		http.SetCookie(w, s.clearCookie())
 		w.Header().Set("Cache-Control", "no-store")
 		w.WriteHeader(http.StatusNoContent)
@@ -267,6 +273,7 @@ func (s *server) handleCreateSession() http.HandlerFunc {
 			s.fail(w, r, err)
 			return
 		}
+		s.metrics.created.Inc()
 		sess := created.Session
 		maxAge := int(sess.CookieExpiresAt.Sub(sess.CreatedAt).Seconds())
 		cookie := s.newCookie(created.Credentials.String(), maxAge)
@@ -383,6 +390,7 @@ func (s *server) handleRevokeSession() http.HandlerFunc {
 			s.fail(w, r, err)
 			return
 		}
+		s.metrics.revoked.WithLabelValues("admin").Inc()
 		encode(w, http.StatusOK, viewSession(sess, s.now()))
 	}
 }
@@ -416,6 +424,7 @@ func (s *server) handleRevokeSubject() http.HandlerFunc {
 		if sids == nil {
 			sids = []string{}
 		}
+		s.metrics.revoked.WithLabelValues("subject").Add(float64(len(sids)))
 		encode(w, http.StatusOK, response{Subject: subject, Revoked: len(sids), SIDs: sids})
 	}
 }

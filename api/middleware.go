@@ -60,6 +60,8 @@ func validRequestID(id string) bool {
 func (s *server) accessLog(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
+		s.metrics.inFlight.Inc()
+		defer s.metrics.inFlight.Dec()
 		ww := middleware.NewWrapResponseWriter(w, r.ProtoMajor)
 		next.ServeHTTP(ww, r)
 		route := "unmatched"
@@ -70,6 +72,8 @@ func (s *server) accessLog(next http.Handler) http.Handler {
 		if status == 0 {
 			status = http.StatusOK
 		}
+		d := time.Since(start)
+		s.metrics.observe(route, r.Method, status, d)
 		// 503s are answers by design (shedding, a dependency down) and come
 		// in floods; they are logged like any other refusal. Other 5xx are
 		// errors.
@@ -83,7 +87,7 @@ func (s *server) accessLog(next http.Handler) http.Handler {
 			slog.String("route", route),
 			slog.Int("status", status),
 			slog.Int("bytes", ww.BytesWritten()),
-			slog.Duration("duration", time.Since(start)),
+			slog.Duration("duration", d),
 			slog.String("client_ip", clientIP(r, s.trusted, s.cfg.ClientIPHeader).String()),
 		)
 	})

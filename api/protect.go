@@ -101,7 +101,7 @@ func (s *server) shed(next http.Handler) http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.gate.enter(r.Context()) {
-			s.shedCount.Add(1)
+			s.metrics.shed.Inc()
 			s.fail(w, r, &Error{Status: http.StatusServiceUnavailable, Code: "overloaded",
 				Detail: "The service is at capacity; retry after the number of seconds in Retry-After.",
 				Header: retryAfterHeader(s.jitterSeconds(1, int(s.protect.ShedRetryAfter/time.Second)))})
@@ -185,12 +185,12 @@ func (s *server) rateLimit(policies ...limitPolicy) func(http.Handler) http.Hand
 				}
 				res, err := s.protect.Limiter.Allow(r.Context(), key, p.limit)
 				if err != nil {
-					s.limiterErrors.Add(1)
+					s.metrics.storeErrors.WithLabelValues("limiter").Inc()
 					continue
 				}
 				policyHdr = append(policyHdr, policyField(p))
 				if !res.Allowed {
-					s.rateLimited.Add(1)
+					s.metrics.rateLimited.WithLabelValues(p.name).Inc()
 					retry := s.retryAfter429(res.RetryAfter)
 					h := http.Header{
 						"Retry-After":      {strconv.Itoa(retry)},

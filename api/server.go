@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/netip"
 	"runtime"
-	"sync/atomic"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -94,6 +93,8 @@ type Options struct {
 	// RandN returns a uniform integer in [0, n), for Retry-After jitter;
 	// nil means math/rand/v2.
 	RandN func(n int) int
+	// Metrics collects what /metrics serves; nil means a fresh set.
+	Metrics *Metrics
 }
 
 type server struct {
@@ -112,10 +113,7 @@ type server struct {
 	gate        *gate
 	randN       func(n int) int
 	router      *chi.Mux
-
-	shedCount     atomic.Uint64
-	rateLimited   atomic.Uint64
-	limiterErrors atomic.Uint64
+	metrics     *Metrics
 }
 
 // NewServer returns the HTTP handler serving every tokend route.
@@ -136,6 +134,10 @@ func newServer(o Options) *server {
 		trusted:     o.Config.TrustedProxies,
 		protect:     o.Config.Protection,
 		randN:       o.RandN,
+		metrics:     o.Metrics,
+	}
+	if s.metrics == nil {
+		s.metrics = NewMetrics()
 	}
 	if s.randN == nil {
 		s.randN = defaultRandN
@@ -162,6 +164,7 @@ func newServer(o Options) *server {
 	for _, origin := range o.Config.AllowedOrigins {
 		s.origins[origin] = true
 	}
+	s.metrics.bind(s)
 	s.router = chi.NewRouter()
 	s.addRoutes(s.router)
 	return s
@@ -178,6 +181,7 @@ func (s *server) addRoutes(r *chi.Mux) {
 	r.Get("/healthz", s.handleHealthz())
 	r.Get("/readyz", s.handleReadyz())
 	r.Get("/.well-known/jwks.json", s.handleJWKS())
+	r.Get("/metrics", s.metrics.handler().ServeHTTP)
 
 	// Browser endpoints: authenticated by the session cookie, callable
 	// cross-origin by allowed origins only.

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -85,6 +86,8 @@ type Keyring struct {
 	mu      sync.Mutex
 	keys    []StoredKey // sorted by ActivatesAt, then ID
 	applied string      // fingerprint of the key set last given to iss
+
+	switches atomic.Uint64
 }
 
 // NewKeyring returns a keyring; call Init before serving.
@@ -203,11 +206,17 @@ func (k *Keyring) Apply() error {
 		return err
 	}
 	if active != nil && !strings.HasPrefix(k.applied, active.ID+",") {
+		if k.applied != "" {
+			k.switches.Add(1)
+		}
 		k.log.Info("signing key in use", slog.String("kid", active.ID), slog.Int("published", len(published)))
 	}
 	k.applied = fp.String()
 	return nil
 }
+
+// Switches counts the times the active key changed after the first.
+func (k *Keyring) Switches() uint64 { return k.switches.Load() }
 
 // Status lists the published keys, oldest first.
 func (k *Keyring) Status() []KeyStatus {
