@@ -136,7 +136,9 @@ func (c *keyCollector) Collect(ch chan<- prometheus.Metric) {
 
 // bind connects the metrics read at scrape time to the server's parts.
 func (m *Metrics) bind(s *server) {
-	if st, ok := s.protect.Limiter.(interface{ Stats() ratelimit.FallbackStats }); ok {
+	if st, ok := s.protect.Limiter.(interface {
+		Stats() ratelimit.FallbackStats
+	}); ok {
 		m.limiterStats = st.Stats
 	}
 	if s.keyAdmin != nil {
