@@ -104,6 +104,26 @@ func BenchmarkTokenEndpoint(b *testing.B) {
 			reportCPU(b, start)
 		})
 	}
+	b.Run("parallel", func(b *testing.B) {
+		h, cookie := benchServer(b, Protection{})
+		b.SetParallelism(8)
+		b.ReportAllocs()
+		start := processCPU()
+		b.RunParallel(func(pb *testing.PB) {
+			req := httptest.NewRequest(http.MethodPost, "/v1/token", nil)
+			req.Header.Set("Cookie", cookie)
+			w := &discardWriter{h: http.Header{}}
+			for pb.Next() {
+				w.reset()
+				h.ServeHTTP(w, req)
+				if w.status != http.StatusOK {
+					b.Errorf("status %d", w.status)
+					return
+				}
+			}
+		})
+		reportCPU(b, start)
+	})
 }
 
 // BenchmarkJWKS serves the key set through the real router, fresh (200) and
