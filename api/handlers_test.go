@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -2337,7 +2338,10 @@ func TestShedding(t *testing.T) {
 	}()
 	<-blocking.entered // the only slot is taken
 
-	for _, r := range []struct {
+	// With nothing completed yet the schedule assumes the floor rate of one
+	// request per second per slot: successive shed requests get successive
+	// one-second slots.
+	for i, r := range []struct {
 		method, target, body string
 		headers              []string
 	}{
@@ -2347,7 +2351,7 @@ func TestShedding(t *testing.T) {
 	} {
 		rec := e.do(t, r.method, r.target, r.body, r.headers...)
 		wantProblem(t, rec, http.StatusServiceUnavailable, "overloaded")
-		wantHeader(t, rec, "Retry-After", "5") // the highest of 1–5
+		wantHeader(t, rec, "Retry-After", strconv.Itoa(i+1))
 	}
 	// Preflights, keys, probes and admins are never shed.
 	wantStatus(t, e.do(t, "OPTIONS", "/v1/token", "", "Origin", appOrigin, "Access-Control-Request-Method", "POST"), http.StatusNoContent)

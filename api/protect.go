@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -35,16 +36,16 @@ type Protection struct {
 	MaxQueue int
 	// QueueWait is the longest a request waits for a slot.
 	QueueWait time.Duration
-	// ShedRetryAfter is the upper bound of the Retry-After sent with 503
-	// overloaded; each answer draws a whole number of seconds from
-	// [1, ShedRetryAfter].
+	// ShedRetryAfter caps the Retry-After sent with 503 overloaded. Within
+	// it, shed requests are given retry times spread at the rate the
+	// instance has been completing requests (see retrySchedule).
 	ShedRetryAfter time.Duration
 }
 
 // Defaults for Protection.
 const (
 	DefaultQueueWait      = 50 * time.Millisecond
-	DefaultShedRetryAfter = 5 * time.Second
+	DefaultShedRetryAfter = 60 * time.Second
 )
 
 // gate is the concurrency bound. A request takes a slot if one is free,
@@ -102,14 +103,81 @@ func (s *server) shed(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.gate.enter(r.Context()) {
 			s.metrics.shed.Inc()
+			wait := s.retries.slot(s.now(), s.protect.ShedRetryAfter, float64(cap(s.gate.slots)))
 			s.fail(w, r, &Error{Status: http.StatusServiceUnavailable, Code: "overloaded",
 				Detail: "The service is at capacity; retry after the number of seconds in Retry-After.",
-				Header: retryAfterHeader(s.jitterSeconds(1, int(s.protect.ShedRetryAfter/time.Second)))})
+				Header: retryAfterHeader(s.roundSeconds(wait))})
 			return
 		}
 		defer s.gate.leave()
 		next.ServeHTTP(w, r)
+		s.retries.completed.Add(1)
 	})
+}
+
+// retrySchedule spreads the retries of shed requests. A fixed Retry-After
+// range sends a herd back as a slightly smaller herd; instead, each shed
+// request is given the next free retry slot, the slots being spaced at the
+// rate the instance has lately been completing requests. A burst of N shed
+// requests thus comes back over N/rate seconds, at about the rate the
+// instance can serve, and the k-th is told to wait about k/rate seconds.
+type retrySchedule struct {
+	completed atomic.Int64 // requests that went through the gate
+
+	mu         sync.Mutex
+	next       time.Time // the next free slot
+	sampleAt   time.Time // start of the current measuring window
+	sampleDone int64     // completed at sampleAt
+	rate       float64   // completions per second in the last full window
+}
+
+// slot returns how long the caller should wait: at least a second, at
+// most maxWait. floor is the lowest rate assumed (the in-flight bound per
+// second), so that an idle past does not stretch the first retries.
+func (rs *retrySchedule) slot(now time.Time, maxWait time.Duration, floor float64) time.Duration {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	done := rs.completed.Load()
+	elapsed := now.Sub(rs.sampleAt).Seconds()
+	rate := rs.rate
+	switch {
+	case rs.sampleAt.IsZero() || elapsed >= 2:
+		// No recent window: start one; judge by what we have.
+		rs.sampleAt, rs.sampleDone, rs.rate = now, done, 0
+	case elapsed >= 1:
+		rs.rate = float64(done-rs.sampleDone) / elapsed
+		rate = rs.rate
+		rs.sampleAt, rs.sampleDone = now, done
+	case elapsed >= 0.1:
+		// Part of a window: in a burst after a quiet spell this is the
+		// first sign of the real rate.
+		rate = max(rate, float64(done-rs.sampleDone)/elapsed)
+	}
+	rate = max(rate, floor, 1)
+	earliest := now.Add(time.Second)
+	if rs.next.Before(earliest) {
+		rs.next = earliest
+	}
+	wait := rs.next.Sub(now)
+	if wait > maxWait {
+		// The schedule is full that far out: everyone beyond gets the cap
+		// (spread by the rounding below), and the schedule stops growing.
+		return maxWait
+	}
+	rs.next = rs.next.Add(time.Duration(float64(time.Second) / rate))
+	return wait
+}
+
+// roundSeconds turns a wait into whole seconds for Retry-After, rounding up
+// or down at random in proportion to the fraction, so that waits that
+// differ by less than a second still spread their clients on average.
+func (s *server) roundSeconds(d time.Duration) int {
+	secs := int(d / time.Second)
+	frac := float64(d%time.Second) / float64(time.Second)
+	if frac > 0 && float64(s.randN(1_000_000))/1_000_000 < frac {
+		secs++
+	}
+	return max(secs, 1)
 }
 
 // jitterSeconds draws a whole number of seconds uniformly from [lo, hi].
