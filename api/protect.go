@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -45,7 +46,7 @@ type Protection struct {
 // Defaults for Protection.
 const (
 	DefaultQueueWait      = 50 * time.Millisecond
-	DefaultShedRetryAfter = 60 * time.Second
+	DefaultShedRetryAfter = 30 * time.Second
 )
 
 // gate is the concurrency bound. A request takes a slot if one is free,
@@ -103,10 +104,18 @@ func (s *server) shed(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.gate.enter(r.Context()) {
 			s.metrics.shed.Inc()
-			wait := s.retries.slot(s.now(), s.protect.ShedRetryAfter, float64(cap(s.gate.slots)))
+			// Assume at least 10 completions per second per slot: token
+			// work takes well under 100ms.
+			var retry int
+			wait, full := s.retries.slot(s.now(), s.protect.ShedRetryAfter, 10*float64(cap(s.gate.slots)))
+			if full {
+				retry = s.jitterSeconds(1, int(wait/time.Second))
+			} else {
+				retry = s.roundSeconds(wait)
+			}
 			s.fail(w, r, &Error{Status: http.StatusServiceUnavailable, Code: "overloaded",
 				Detail: "The service is at capacity; retry after the number of seconds in Retry-After.",
-				Header: retryAfterHeader(s.roundSeconds(wait))})
+				Header: retryAfterHeader(retry)})
 			return
 		}
 		defer s.gate.leave()
@@ -118,9 +127,11 @@ func (s *server) shed(next http.Handler) http.Handler {
 // retrySchedule spreads the retries of shed requests. A fixed Retry-After
 // range sends a herd back as a slightly smaller herd; instead, each shed
 // request is given the next free retry slot, the slots being spaced at the
-// rate the instance has lately been completing requests. A burst of N shed
+// rate the instance has shown it can complete requests. A burst of N shed
 // requests thus comes back over N/rate seconds, at about the rate the
 // instance can serve, and the k-th is told to wait about k/rate seconds.
+// Where that would exceed the cap, the wait is drawn uniformly up to the
+// cap instead, so that no second receives more than its share.
 type retrySchedule struct {
 	completed atomic.Int64 // requests that went through the gate
 
@@ -128,44 +139,53 @@ type retrySchedule struct {
 	next       time.Time // the next free slot
 	sampleAt   time.Time // start of the current measuring window
 	sampleDone int64     // completed at sampleAt
-	rate       float64   // completions per second in the last full window
+	peak       float64   // best completion rate seen, decaying
+	peakAt     time.Time
 }
 
-// slot returns how long the caller should wait: at least a second, at
-// most maxWait. floor is the lowest rate assumed (the in-flight bound per
-// second), so that an idle past does not stretch the first retries.
-func (rs *retrySchedule) slot(now time.Time, maxWait time.Duration, floor float64) time.Duration {
+// slot returns how long the caller should wait (at least a second), or
+// full if the schedule is booked up to maxWait. floor is the lowest rate
+// assumed, so that a quiet past does not stretch the first retries.
+func (rs *retrySchedule) slot(now time.Time, maxWait time.Duration, floor float64) (wait time.Duration, full bool) {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	done := rs.completed.Load()
-	elapsed := now.Sub(rs.sampleAt).Seconds()
-	rate := rs.rate
-	switch {
-	case rs.sampleAt.IsZero() || elapsed >= 2:
-		// No recent window: start one; judge by what we have.
-		rs.sampleAt, rs.sampleDone, rs.rate = now, done, 0
-	case elapsed >= 1:
-		rs.rate = float64(done-rs.sampleDone) / elapsed
-		rate = rs.rate
-		rs.sampleAt, rs.sampleDone = now, done
-	case elapsed >= 0.1:
-		// Part of a window: in a burst after a quiet spell this is the
-		// first sign of the real rate.
-		rate = max(rate, float64(done-rs.sampleDone)/elapsed)
+	if elapsed := now.Sub(rs.sampleAt).Seconds(); rs.sampleAt.IsZero() || elapsed > 10 {
+		rs.sampleAt, rs.sampleDone = now, done // a new measuring window
+	} else if elapsed >= 0.1 {
+		rs.observe(float64(done-rs.sampleDone)/elapsed, now)
+		if elapsed >= 1 {
+			rs.sampleAt, rs.sampleDone = now, done
+		}
 	}
-	rate = max(rate, floor, 1)
+	rate := max(rs.decayedPeak(now), floor, 1)
 	earliest := now.Add(time.Second)
 	if rs.next.Before(earliest) {
 		rs.next = earliest
 	}
-	wait := rs.next.Sub(now)
+	wait = rs.next.Sub(now)
 	if wait > maxWait {
-		// The schedule is full that far out: everyone beyond gets the cap
-		// (spread by the rounding below), and the schedule stops growing.
-		return maxWait
+		return maxWait, true
 	}
 	rs.next = rs.next.Add(time.Duration(float64(time.Second) / rate))
-	return wait
+	return wait, false
+}
+
+// observe records a measured completion rate. The peak is what the
+// instance has shown it can do; it decays by half every 30 seconds, so
+// that a lasting slowdown (a slow database) is learnt too.
+func (rs *retrySchedule) observe(rate float64, now time.Time) {
+	if p := rs.decayedPeak(now); rate > p {
+		rs.peak, rs.peakAt = rate, now
+	}
+}
+
+func (rs *retrySchedule) decayedPeak(now time.Time) float64 {
+	if rs.peakAt.IsZero() {
+		return 0
+	}
+	halvings := now.Sub(rs.peakAt).Seconds() / 30
+	return rs.peak / math.Pow(2, halvings)
 }
 
 // roundSeconds turns a wait into whole seconds for Retry-After, rounding up

@@ -12,10 +12,9 @@ func TestRetrySchedule(t *testing.T) {
 	// A quiet instance assumes the floor rate (here 10/s): a burst of shed
 	// requests at one moment gets slots 100ms apart from 1s on.
 	for k := range 20 {
-		got := rs.slot(t0, time.Minute, 10)
-		want := time.Second + time.Duration(k)*100*time.Millisecond
-		if got != want {
-			t.Fatalf("shed #%d at once: wait %v, want %v", k, got, want)
+		got, full := rs.slot(t0, time.Minute, 10)
+		if want := time.Second + time.Duration(k)*100*time.Millisecond; got != want || full {
+			t.Fatalf("shed #%d at once: wait %v (full %v), want %v", k, got, full, want)
 		}
 	}
 
@@ -24,37 +23,46 @@ func TestRetrySchedule(t *testing.T) {
 	rs = retrySchedule{}
 	rs.slot(t0, time.Minute, 1) // opens the window
 	rs.completed.Add(1000)
-	first := rs.slot(t0.Add(time.Second), time.Minute, 1)
-	second := rs.slot(t0.Add(time.Second), time.Minute, 1)
+	first, _ := rs.slot(t0.Add(time.Second), time.Minute, 1)
+	second, _ := rs.slot(t0.Add(time.Second), time.Minute, 1)
 	if first != time.Second || second-first != time.Millisecond {
 		t.Errorf("at 1000/s: waits %v then %v, want 1s then 1.001s", first, second)
+	}
+
+	// The rate shown is remembered through a stall: nothing completes for
+	// three seconds, yet the spacing still reflects 1000/s (decayed by
+	// 2^(-3/30)), not the floor.
+	third, _ := rs.slot(t0.Add(4*time.Second), time.Minute, 1)
+	fourth, _ := rs.slot(t0.Add(4*time.Second), time.Minute, 1)
+	if gap := fourth - third; gap < time.Millisecond || gap > 1100*time.Microsecond {
+		t.Errorf("after a stall: spacing %v, want about 1.07ms", gap)
 	}
 
 	// Within a window, a partial measurement already counts: 500 in 200ms.
 	rs = retrySchedule{}
 	rs.slot(t0, time.Minute, 1)
 	rs.completed.Add(500)
-	a := rs.slot(t0.Add(200*time.Millisecond), time.Minute, 1)
-	b := rs.slot(t0.Add(200*time.Millisecond), time.Minute, 1)
+	a, _ := rs.slot(t0.Add(200*time.Millisecond), time.Minute, 1)
+	b, _ := rs.slot(t0.Add(200*time.Millisecond), time.Minute, 1)
 	if b-a != 400*time.Microsecond {
 		t.Errorf("at 2500/s measured over 200ms: spacing %v, want 400µs", b-a)
 	}
 
-	// The schedule is capped: beyond maxWait everyone gets maxWait, and the
-	// schedule does not grow past it.
+	// Booked up to the cap: the caller is told so (and draws a wait up to
+	// the cap), and the schedule does not grow past it.
 	rs = retrySchedule{}
 	for range 100 {
 		rs.slot(t0, 5*time.Second, 10)
 	}
-	if got := rs.slot(t0, 5*time.Second, 10); got != 5*time.Second {
-		t.Errorf("past the cap: wait %v, want 5s", got)
+	if got, full := rs.slot(t0, 5*time.Second, 10); got != 5*time.Second || !full {
+		t.Errorf("past the cap: wait %v full %v, want 5s and full", got, full)
 	}
 	if rs.next.After(t0.Add(5*time.Second + 100*time.Millisecond)) {
 		t.Errorf("the schedule grew to %v past the cap", rs.next.Sub(t0))
 	}
 
 	// Slots in the past are not handed out: later sheds wait at least 1s.
-	if got := rs.slot(t0.Add(time.Hour), time.Minute, 10); got != time.Second {
+	if got, _ := rs.slot(t0.Add(time.Hour), time.Minute, 10); got != time.Second {
 		t.Errorf("after a quiet hour: wait %v, want 1s", got)
 	}
 }
