@@ -11,6 +11,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -81,6 +83,12 @@ func Open(ctx context.Context, url string, o Options) (*Store, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, errors.New("TOKEND_DATABASE_URL is not a valid PostgreSQL URL") // the URL may hold a password
+	}
+	if !strings.Contains(url, "pool_max_conns") {
+		// pgxpool's default (one per CPU, at least 4) starves a herd of
+		// first refreshes, each of which reads its session once; the
+		// database serves more concurrent reads than that.
+		cfg.MaxConns = int32(max(16, 4*runtime.NumCPU()))
 	}
 	if cfg.ConnConfig.ConnectTimeout == 0 {
 		cfg.ConnConfig.ConnectTimeout = 3 * time.Second
