@@ -42,6 +42,7 @@ var settings = []setting{
 	{"TOKEND_AUDIENCE", "", "aud of tokens, comma list; required outside dev mode (dev: tokend-dev)"},
 	{"TOKEND_TOKEN_TTL", "10m", "access token lifetime"},
 	{"TOKEND_SESSION_TTL", "8h", "default and maximum session life"},
+	{"TOKEND_TOKEN_REUSE_WINDOW", "2s", "refreshes of one session within this window share one token instead of each signing a new one (0s: off)"},
 	{"TOKEND_SERVICE_KEYS", "", "bearer keys for POST /v1/sessions, comma list; required outside dev mode"},
 	{"TOKEND_ADMIN_KEYS", "", "bearer keys for /v1/admin, comma list; required outside dev mode"},
 	{"TOKEND_ALLOWED_ORIGINS", "", "browser origins allowed to call the cookie endpoints with credentials, comma list"},
@@ -86,6 +87,7 @@ type config struct {
 	Audience          []string
 	TokenTTL          time.Duration
 	SessionTTL        time.Duration
+	TokenReuseWindow  time.Duration
 	ServiceKeys       []string
 	AdminKeys         []string
 	AllowedOrigins    []string
@@ -188,6 +190,7 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 		Audience:         list(value("TOKEND_AUDIENCE")),
 		TokenTTL:         duration("TOKEND_TOKEN_TTL", 10*time.Second, 24*time.Hour),
 		SessionTTL:       duration("TOKEND_SESSION_TTL", time.Minute, 366*24*time.Hour),
+		TokenReuseWindow: duration("TOKEND_TOKEN_REUSE_WINDOW", 0, 10*time.Second),
 		ServiceKeys:      list(value("TOKEND_SERVICE_KEYS")),
 		AdminKeys:        list(value("TOKEND_ADMIN_KEYS")),
 		AllowedOrigins:   list(value("TOKEND_ALLOWED_ORIGINS")),

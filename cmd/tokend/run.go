@@ -127,7 +127,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	sessions := session.NewService(store, iss, session.Config{
 		TokenTTL:    cfg.TokenTTL,
 		SessionTTL:  cfg.SessionTTL,
-		ReuseWindow: tokenReuseWindow,
+		ReuseWindow: cfg.TokenReuseWindow,
 	})
 
 	var ready atomic.Bool
@@ -223,10 +223,6 @@ func newLogger(cfg config, w io.Writer) *slog.Logger {
 	}
 	return slog.New(slog.NewJSONHandler(w, opts))
 }
-
-// tokenReuseWindow is how long refreshes of one session share a token: long
-// enough to cover tabs and reloads arriving together, far below refresh_in.
-const tokenReuseWindow = 2 * time.Second
 
 // maxKeyLeeway bounds the time added to the token TTL before a retired key
 // leaves the JWKS, for validators whose clocks run behind. The leeway is the
