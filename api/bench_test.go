@@ -126,8 +126,8 @@ func BenchmarkTokenEndpoint(b *testing.B) {
 	})
 }
 
-// BenchmarkJWKS serves the key set through the real router, fresh (200) and
-// revalidated (304).
+// BenchmarkJWKS serves the key set through the handler NewServer returns,
+// fresh (200) and revalidated (304).
 func BenchmarkJWKS(b *testing.B) {
 	h, _ := benchServer(b, Protection{})
 	probe := httptest.NewRecorder()
@@ -159,9 +159,7 @@ func BenchmarkJWKS(b *testing.B) {
 	}
 }
 
-// BenchmarkJWKSHandler is the JWKS handler alone, without the request id and
-// access log middleware every route shares: what serving the document
-// itself costs. The 304 path allocates nothing.
+// BenchmarkJWKSHandler is the JWKS handler function alone.
 func BenchmarkJWKSHandler(b *testing.B) {
 	key, err := issuer.GenerateKey(issuer.ES256, time.Now())
 	if err != nil {

@@ -118,7 +118,23 @@ type server struct {
 }
 
 // NewServer returns the HTTP handler serving every tokend route.
-func NewServer(o Options) http.Handler { return newServer(o).router }
+//
+// GET /.well-known/jwks.json is answered before the router: validators
+// poll it, so it skips the request id, access log and latency histogram
+// (the JWKS counters still count it), and its 304 path allocates nothing.
+func NewServer(o Options) http.Handler {
+	s := newServer(o)
+	jwks := s.handleJWKS()
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == jwksPath && r.Method == http.MethodGet {
+			jwks(w, r)
+			return
+		}
+		s.router.ServeHTTP(w, r)
+	})
+}
+
+const jwksPath = "/.well-known/jwks.json"
 
 func newServer(o Options) *server {
 	s := &server{
@@ -181,7 +197,9 @@ func (s *server) addRoutes(r *chi.Mux) {
 
 	r.Get("/healthz", s.handleHealthz())
 	r.Get("/readyz", s.handleReadyz())
-	r.Get("/.well-known/jwks.json", s.handleJWKS())
+	// Served before the router (see NewServer); routed too, so that other
+	// methods get 405 and the route is listed with the others.
+	r.Get(jwksPath, s.handleJWKS())
 	r.Get("/metrics", s.metrics.handler().ServeHTTP)
 
 	// Browser endpoints: authenticated by the session cookie, callable
