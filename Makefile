@@ -7,10 +7,11 @@ FUZZTIME ?= 30s
 help: ## list the targets
 	@awk -F ':.*## ' '/^[a-z]+:.*## / { printf "  %-7s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-test: ## start PostgreSQL and Redis if needed, vet, run every test with -race, fuzz briefly
+test: ## start PostgreSQL and Redis if needed, vet, run every test with -race, smoke-run the benchmarks, fuzz briefly
 	bash scripts/ensure-services.sh
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
+	$(GO) test -run='^$$' -bench=. -benchtime=1x ./... >/dev/null
 	$(MAKE) --no-print-directory fuzz FUZZTIME=5s
 
 # fuzz1 runs one fuzz target. `go test -fuzz` passes silently when no target
@@ -25,7 +26,8 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(call fuzz1,FuzzAppendJSONString,./issuer)
 	$(call fuzz1,FuzzDecodeCreateSession,./api)
 
-bench: ## run the benchmarks
+bench: ## run the benchmarks (BENCHMARKS.md)
+	bash scripts/ensure-services.sh
 	$(GO) test -run='^$$' -bench=. -benchmem ./...
 
 run: ## run tokend in dev mode
