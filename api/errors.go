@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/tokend/tokend/issuer"
 	"github.com/tokend/tokend/session"
@@ -102,7 +103,7 @@ func problemFor(err error) problem {
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	p := problemFor(err)
 	if p.Code == "unavailable" {
-		p.header = retryAfterHeader(s.jitterSeconds(1, unavailableRetryAfter))
+		p.header = retryAfterHeader(s.jitterSeconds(1, int(s.protect.ShedRetryAfter/time.Second)))
 		s.log.WarnContext(r.Context(), "dependency unavailable",
 			slog.String("request_id", requestID(r.Context())),
 			slog.String("route", r.Pattern),
@@ -139,11 +140,6 @@ func (s *server) writeProblem(w http.ResponseWriter, r *http.Request, p problem)
 	h.Set("Cache-Control", "no-store")
 	writeJSON(w, p.Status, "application/problem+json", p)
 }
-
-// unavailableRetryAfter bounds the Retry-After of 503 unavailable, in
-// seconds: a dependency outage has no known end, so clients are spread over
-// a few seconds and try again.
-const unavailableRetryAfter = 5
 
 func retryAfterHeader(seconds int) http.Header {
 	return http.Header{"Retry-After": {strconv.Itoa(seconds)}}

@@ -2337,10 +2337,6 @@ func TestShedding(t *testing.T) {
 	}()
 	<-blocking.entered // the only slot is taken
 
-	// With nothing completed yet the schedule assumes the floor rate of ten
-	// requests per second per slot: the shed requests get slots 1.0s, 1.1s
-	// and 1.2s out, which Retry-After (whole seconds; here the jitter
-	// source always rounds down) states as 1.
 	for _, r := range []struct {
 		method, target, body string
 		headers              []string
@@ -2351,7 +2347,7 @@ func TestShedding(t *testing.T) {
 	} {
 		rec := e.do(t, r.method, r.target, r.body, r.headers...)
 		wantProblem(t, rec, http.StatusServiceUnavailable, "overloaded")
-		wantHeader(t, rec, "Retry-After", "1")
+		wantHeader(t, rec, "Retry-After", "5") // the highest of 1–5
 	}
 	// Preflights, keys, probes and admins are never shed.
 	wantStatus(t, e.do(t, "OPTIONS", "/v1/token", "", "Origin", appOrigin, "Access-Control-Request-Method", "POST"), http.StatusNoContent)

@@ -4,12 +4,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"math"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -37,16 +35,16 @@ type Protection struct {
 	MaxQueue int
 	// QueueWait is the longest a request waits for a slot.
 	QueueWait time.Duration
-	// ShedRetryAfter caps the Retry-After sent with 503 overloaded. Within
-	// it, shed requests are given retry times spread at the rate the
-	// instance has been completing requests (see retrySchedule).
+	// ShedRetryAfter is the upper bound of the Retry-After sent with 503
+	// overloaded; each answer draws a whole number of seconds from
+	// [1, ShedRetryAfter].
 	ShedRetryAfter time.Duration
 }
 
 // Defaults for Protection.
 const (
 	DefaultQueueWait      = 50 * time.Millisecond
-	DefaultShedRetryAfter = 30 * time.Second
+	DefaultShedRetryAfter = 5 * time.Second
 )
 
 // gate is the concurrency bound. A request takes a slot if one is free,
@@ -104,100 +102,14 @@ func (s *server) shed(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.gate.enter(r.Context()) {
 			s.metrics.shed.Inc()
-			// Assume at least 10 completions per second per slot: token
-			// work takes well under 100ms.
-			var retry int
-			wait, full := s.retries.slot(s.now(), s.protect.ShedRetryAfter, 10*float64(cap(s.gate.slots)))
-			if full {
-				retry = s.jitterSeconds(1, int(wait/time.Second))
-			} else {
-				retry = s.roundSeconds(wait)
-			}
 			s.fail(w, r, &Error{Status: http.StatusServiceUnavailable, Code: "overloaded",
 				Detail: "The service is at capacity; retry after the number of seconds in Retry-After.",
-				Header: retryAfterHeader(retry)})
+				Header: retryAfterHeader(s.jitterSeconds(1, int(s.protect.ShedRetryAfter/time.Second)))})
 			return
 		}
 		defer s.gate.leave()
 		next.ServeHTTP(w, r)
-		s.retries.completed.Add(1)
 	})
-}
-
-// retrySchedule spreads the retries of shed requests. A fixed Retry-After
-// range sends a herd back as a slightly smaller herd; instead, each shed
-// request is given the next free retry slot, the slots being spaced at the
-// rate the instance has shown it can complete requests. A burst of N shed
-// requests thus comes back over N/rate seconds, at about the rate the
-// instance can serve, and the k-th is told to wait about k/rate seconds.
-// Where that would exceed the cap, the wait is drawn uniformly up to the
-// cap instead, so that no second receives more than its share.
-type retrySchedule struct {
-	completed atomic.Int64 // requests that went through the gate
-
-	mu         sync.Mutex
-	next       time.Time // the next free slot
-	sampleAt   time.Time // start of the current measuring window
-	sampleDone int64     // completed at sampleAt
-	peak       float64   // best completion rate seen, decaying
-	peakAt     time.Time
-}
-
-// slot returns how long the caller should wait (at least a second), or
-// full if the schedule is booked up to maxWait. floor is the lowest rate
-// assumed, so that a quiet past does not stretch the first retries.
-func (rs *retrySchedule) slot(now time.Time, maxWait time.Duration, floor float64) (wait time.Duration, full bool) {
-	rs.mu.Lock()
-	defer rs.mu.Unlock()
-	done := rs.completed.Load()
-	if elapsed := now.Sub(rs.sampleAt).Seconds(); rs.sampleAt.IsZero() || elapsed > 10 {
-		rs.sampleAt, rs.sampleDone = now, done // a new measuring window
-	} else if elapsed >= 0.1 {
-		rs.observe(float64(done-rs.sampleDone)/elapsed, now)
-		if elapsed >= 1 {
-			rs.sampleAt, rs.sampleDone = now, done
-		}
-	}
-	rate := max(rs.decayedPeak(now), floor, 1)
-	earliest := now.Add(time.Second)
-	if rs.next.Before(earliest) {
-		rs.next = earliest
-	}
-	wait = rs.next.Sub(now)
-	if wait > maxWait {
-		return maxWait, true
-	}
-	rs.next = rs.next.Add(time.Duration(float64(time.Second) / rate))
-	return wait, false
-}
-
-// observe records a measured completion rate. The peak is what the
-// instance has shown it can do; it decays by half every 30 seconds, so
-// that a lasting slowdown (a slow database) is learnt too.
-func (rs *retrySchedule) observe(rate float64, now time.Time) {
-	if p := rs.decayedPeak(now); rate > p {
-		rs.peak, rs.peakAt = rate, now
-	}
-}
-
-func (rs *retrySchedule) decayedPeak(now time.Time) float64 {
-	if rs.peakAt.IsZero() {
-		return 0
-	}
-	halvings := now.Sub(rs.peakAt).Seconds() / 30
-	return rs.peak / math.Pow(2, halvings)
-}
-
-// roundSeconds turns a wait into whole seconds for Retry-After, rounding up
-// or down at random in proportion to the fraction, so that waits that
-// differ by less than a second still spread their clients on average.
-func (s *server) roundSeconds(d time.Duration) int {
-	secs := int(d / time.Second)
-	frac := float64(d%time.Second) / float64(time.Second)
-	if frac > 0 && float64(s.randN(1_000_000))/1_000_000 < frac {
-		secs++
-	}
-	return max(secs, 1)
 }
 
 // jitterSeconds draws a whole number of seconds uniformly from [lo, hi].

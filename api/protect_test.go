@@ -806,19 +806,15 @@ func TestProtectQueueFullIsShedAtOnce(t *testing.T) {
 	case <-time.After(10 * time.Second): // a hang guard, not a timing assertion
 		t.Fatal("no request was shed while both slots and the queue were taken")
 	}
-	// Shed requests are given successive retry slots, spaced at the rate
-	// the instance completes requests (here the floor: MaxInflight per
-	// second): the first waits a second, later ones no less.
-	ra1, err := ptCheckRefusal(first, http.StatusServiceUnavailable, "overloaded", 1, 1)
-	if err != nil {
+	if _, err := ptCheckRefusal(first, http.StatusServiceUnavailable, "overloaded", 1, 1); err != nil {
 		t.Fatalf("the request finding the queue full: %v", err)
 	}
-	ra2, err := ptCheckRefusal(e.token(srv, cookie), http.StatusServiceUnavailable, "overloaded", 1, 7)
-	if err != nil {
-		t.Fatalf("the next shed request: %v", err)
+	// Retry-After for 503 draws from [1, ShedRetryAfter]: 7 values.
+	if ns := rnd.take(6); len(ns) != 1 || ns[0] != 7 {
+		t.Fatalf("RandN asked for %v, want [7]", ns)
 	}
-	if ra2 < ra1 {
-		t.Fatalf("the second shed request was told to come back sooner (%ds) than the first (%ds)", ra2, ra1)
+	if _, err := ptCheckRefusal(e.token(srv, cookie), http.StatusServiceUnavailable, "overloaded", 7, 7); err != nil {
+		t.Fatalf("with the top draw: %v", err)
 	}
 	select {
 	case r := <-answers:

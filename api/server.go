@@ -111,7 +111,6 @@ type server struct {
 	trusted     []netip.Prefix
 	protect     Protection
 	gate        *gate
-	retries     retrySchedule
 	randN       func(n int) int
 	router      *chi.Mux
 	metrics     *Metrics
