@@ -19,10 +19,11 @@ const (
 	scenarioFlood   = "flood"
 )
 
-// steadyPhase is where a refresh lands within a token's life on average:
-// tokend draws refresh_in from 50–90 % of it. A population in steady state
-// has its refreshes spread uniformly over one such interval.
-const steadyPhase = 0.7
+// tokend draws refresh_in uniformly from 50–90 % of a token's life.
+const (
+	refreshMinFrac = 0.5
+	refreshMaxFrac = 0.9
+)
 
 // sessionAttempts bounds the tries of one session creation (or the probe),
 // so an overloaded service ends the run instead of stalling it.
@@ -175,11 +176,12 @@ func (h *herd) play(ctx context.Context) (outcome, error) {
 		out.notes = append(out.notes, fmt.Sprintf("probe: tokens live %v, first refresh_in %v", p.expiresIn, p.refreshIn))
 		if h.cfg.scenario == scenarioSteady {
 			next = refreshIn
-			spread := time.Duration(steadyPhase * float64(p.expiresIn))
+			lo := time.Duration(refreshMinFrac * float64(p.expiresIn))
+			hi := time.Duration(refreshMaxFrac * float64(p.expiresIn))
 			for i := range offsets {
-				offsets[i] = h.offset(spread)
+				offsets[i] = h.residual(lo, hi)
 			}
-			out.notes = append(out.notes, fmt.Sprintf("first requests spread uniformly over %v (%.0f %% of the token life), then every refresh at refresh_in", spread, steadyPhase*100))
+			out.notes = append(out.notes, fmt.Sprintf("first requests placed as in a population already refreshing every %v–%v, then every refresh at refresh_in", lo, hi))
 			break
 		}
 		interval := h.cfg.interval
@@ -265,6 +267,22 @@ func (h *herd) play(ctx context.Context) (outcome, error) {
 }
 
 // offset draws a uniform delay in [0, d).
+// residual draws the time until a client's next refresh in a population
+// that has been refreshing for a long time at intervals uniform in
+// [lo, hi]: the forward recurrence time, whose density at x is
+// P(interval > x) / E[interval] — flat up to lo, then falling linearly to
+// zero at hi. Starting clients this way, the load is steady from the first
+// second; starting them uniformly over the mean interval instead makes the
+// first refreshes of early clients overlap the last starts (a 1.4× bump).
+func (h *herd) residual(lo, hi time.Duration) time.Duration {
+	for {
+		x := h.offset(hi)
+		if x < lo || hi <= lo || h.rnd.Float64()*float64(hi-lo) < float64(hi-x) {
+			return x
+		}
+	}
+}
+
 func (h *herd) offset(d time.Duration) time.Duration {
 	if d <= 0 {
 		return 0

@@ -145,3 +145,32 @@ func TestWriteCSV(t *testing.T) {
 		t.Errorf("csv = %q, want %q", rows, want)
 	}
 }
+
+// The steady scenario's first requests follow the forward recurrence time
+// of refresh intervals uniform in [lo, hi]: flat density 1/E up to lo,
+// then falling linearly to 0 at hi.
+func TestResidualMatchesSteadyState(t *testing.T) {
+	h := &herd{rnd: rand.New(rand.NewPCG(1, 2))}
+	lo, hi := 50*time.Second, 90*time.Second
+	const n = 200_000
+	var below, upperHalf int
+	for range n {
+		x := h.residual(lo, hi)
+		if x < 0 || x >= hi {
+			t.Fatalf("residual %v outside [0, %v)", x, hi)
+		}
+		if x < lo {
+			below++
+		}
+		if x >= 70*time.Second {
+			upperHalf++
+		}
+	}
+	// P(x < lo) = lo / E[interval] = 50/70; P(x >= 70s) = ∫70..90 (90-x)/(40·70) dx = 200/2800.
+	if got, want := float64(below)/n, 50.0/70; got < want-0.01 || got > want+0.01 {
+		t.Errorf("P(x < lo) = %.3f, want %.3f", got, want)
+	}
+	if got, want := float64(upperHalf)/n, 200.0/2800; got < want-0.01 || got > want+0.01 {
+		t.Errorf("P(x >= 70s) = %.3f, want %.3f", got, want)
+	}
+}
