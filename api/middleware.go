@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -80,6 +81,8 @@ func (s *server) accessLog(next http.Handler) http.Handler {
 		level := slog.LevelInfo
 		if status >= 500 && status != http.StatusServiceUnavailable {
 			level = slog.LevelError
+		} else if !s.logSampler.allow(start) {
+			return
 		}
 		s.log.LogAttrs(r.Context(), level, "request",
 			slog.String("request_id", requestID(r.Context())),
@@ -91,6 +94,41 @@ func (s *server) accessLog(next http.Handler) http.Handler {
 			slog.String("client_ip", clientIP(r, s.trusted, s.cfg.ClientIPHeader).String()),
 		)
 	})
+}
+
+// logSampler caps access-log lines per second, so that a herd does not
+// turn into a flood of log lines: beyond the cap, lines are counted, and the
+// count is logged once the second is over. Errors are always logged.
+type logSampler struct {
+	perSecond  int64
+	log        *slog.Logger
+	mu         sync.Mutex
+	second     int64 // unix second being counted
+	logged     int64
+	suppressed int64
+}
+
+func (l *logSampler) allow(now time.Time) bool {
+	if l == nil || l.perSecond <= 0 {
+		return true
+	}
+	sec := now.Unix()
+	l.mu.Lock()
+	if sec != l.second {
+		if l.suppressed > 0 {
+			l.log.Info("access log sampled", slog.Int64("suppressed", l.suppressed),
+				slog.Int64("logged", l.logged), slog.Time("second", time.Unix(l.second, 0)))
+		}
+		l.second, l.logged, l.suppressed = sec, 0, 0
+	}
+	ok := l.logged < l.perSecond
+	if ok {
+		l.logged++
+	} else {
+		l.suppressed++
+	}
+	l.mu.Unlock()
+	return ok
 }
 
 // recoverPanics turns a panic into a logged 500 problem, so one bad request

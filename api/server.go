@@ -74,6 +74,9 @@ type Config struct {
 	ClientIPHeader string
 	// Protection holds the rate limits and the shedding bound.
 	Protection Protection
+	// AccessLogPerSecond caps access-log lines per second (errors are
+	// always logged); 0 logs every request.
+	AccessLogPerSecond int
 }
 
 // Options are the dependencies of the server.
@@ -114,6 +117,7 @@ type server struct {
 	randN       func(n int) int
 	router      *chi.Mux
 	metrics     *Metrics
+	logSampler  *logSampler
 }
 
 // NewServer returns the HTTP handler serving every tokend route.
@@ -154,6 +158,9 @@ func newServer(o Options) *server {
 	}
 	if s.metrics == nil {
 		s.metrics = NewMetrics()
+	}
+	if o.Config.AccessLogPerSecond > 0 {
+		s.logSampler = &logSampler{perSecond: int64(o.Config.AccessLogPerSecond), log: s.log}
 	}
 	if s.randN == nil {
 		s.randN = defaultRandN

@@ -68,6 +68,7 @@ var settings = []setting{
 	{"TOKEND_DRAIN_DELAY", "5s", "on shutdown, time between /readyz turning false and the listener closing (dev: 0s)"},
 	{"TOKEND_SHUTDOWN_TIMEOUT", "15s", "on shutdown, how long in-flight requests may take to finish"},
 	{"TOKEND_LOG_LEVEL", "info", "debug, info, warn or error"},
+	{"TOKEND_ACCESS_LOG_RATE", "200", "access-log lines per second at most; beyond, lines are counted and summarised once a second (0: log every request; errors are always logged)"},
 	{"TOKEND_LOG_FORMAT", "", "json or text (default: text in dev mode, json otherwise)"},
 }
 
@@ -103,6 +104,7 @@ type config struct {
 	ShutdownTimeout   time.Duration
 	LogLevel          string
 	LogFormat         string
+	AccessLogRate     int
 	RedisURL          string
 	DatabaseURL       string
 	KEK               []byte
@@ -301,6 +303,11 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 	case "debug", "info", "warn", "error":
 	default:
 		bad("TOKEND_LOG_LEVEL=%q must be debug, info, warn or error", c.LogLevel)
+	}
+	if n, err := strconv.Atoi(value("TOKEND_ACCESS_LOG_RATE")); err != nil || n < 0 {
+		bad("TOKEND_ACCESS_LOG_RATE=%q must be a whole number (0: no cap)", value("TOKEND_ACCESS_LOG_RATE"))
+	} else {
+		c.AccessLogRate = n
 	}
 	switch c.LogFormat {
 	case "":
