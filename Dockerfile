@@ -5,8 +5,9 @@
 # TOKEND_ADDR is set to 0.0.0.0:8080, which is not loopback, so dev mode is off
 # and tokend refuses to start until TOKEND_ISSUER, TOKEND_AUDIENCE,
 # TOKEND_SERVICE_KEYS and TOKEND_ADMIN_KEYS are set (see docker-compose.yml).
-# There is no HEALTHCHECK: distroless has no shell or curl to run one; probe
-# GET /healthz (alive) and GET /readyz (ready) from the orchestrator instead.
+# Health: distroless has no shell or curl, so the binary checks itself:
+# `/tokend healthcheck` exits 0 when its own GET /readyz answers 200 (see
+# docker-compose.yml); orchestrators can also probe /healthz and /readyz.
 
 FROM golang:1.26-bookworm AS build
 WORKDIR /src
@@ -21,4 +22,5 @@ COPY --from=build /out/tokend /tokend
 USER nonroot:nonroot
 ENV TOKEND_ADDR=0.0.0.0:8080
 EXPOSE 8080
+HEALTHCHECK --interval=5s --timeout=4s --start-period=10s CMD ["/tokend", "healthcheck"]
 ENTRYPOINT ["/tokend"]

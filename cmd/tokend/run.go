@@ -27,6 +27,9 @@ import (
 // run is the whole program: it returns when ctx is cancelled (after a
 // graceful shutdown) or when serving fails.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "healthcheck" {
+		return healthcheck(ctx, getenv, stdout)
+	}
 	cfg, err := loadConfig(args, getenv, stderr)
 	if err != nil {
 		return err
