@@ -1,4 +1,5 @@
 GO       ?= go
+NODE     ?= node
 FUZZTIME ?= 30s
 
 .DEFAULT_GOAL := help
@@ -7,8 +8,10 @@ FUZZTIME ?= 30s
 help: ## list the targets
 	@awk -F ':.*## ' '/^[a-z]+:.*## / { printf "  %-7s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-test: ## start PostgreSQL and Redis if needed, vet, run every test with -race, smoke-run the benchmarks, fuzz briefly
+test: ## start PostgreSQL and Redis if needed, vet, run every test with -race (Chromium drives the browser tests), test the browser client with node, smoke-run the benchmarks, fuzz briefly
 	bash scripts/ensure-services.sh
+	@command -v $(NODE) >/dev/null 2>&1 || { echo "make test: $(NODE) is missing; the browser client's tests (client/test/) need Node.js 18 or later: sudo apt-get install nodejs" >&2; exit 1; }
+	$(NODE) --test client/test/
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
 	$(GO) test -run='^$$' -bench=. -benchtime=1x ./... >/dev/null

@@ -365,6 +365,7 @@ func TestOpenAPIRoutesMatchRouter(t *testing.T) {
 		"POST /v1/sessions", "GET /v1/admin/sessions", "GET /v1/admin/sessions/{sid}",
 		"DELETE /v1/admin/sessions/{sid}", "POST /v1/admin/subjects/{subject}/revoke",
 		"GET /v1/admin/keys", "POST /v1/admin/keys/rotate",
+		"GET /v1/revocations", "GET /v1/revocations/stream",
 	} {
 		if !routed[op] {
 			t.Errorf("%s is not routed", op)

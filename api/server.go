@@ -74,9 +74,18 @@ type Config struct {
 	ClientIPHeader string
 	// Protection holds the rate limits and the shedding bound.
 	Protection Protection
+	// Dev serves the demo page at / and lets it create sessions at
+	// POST /dev/session; outside dev mode both answer 404.
+	Dev bool
 	// AccessLogPerSecond caps access-log lines per second (errors are
 	// always logged); 0 logs every request.
 	AccessLogPerSecond int
+	// StreamHeartbeat is how often an idle revocation stream sends a
+	// comment line; 0 means DefaultStreamHeartbeat.
+	StreamHeartbeat time.Duration
+	// StreamPoll is how often a revocation stream reads the log without
+	// being woken; 0 means DefaultStreamPoll.
+	StreamPoll time.Duration
 }
 
 // Options are the dependencies of the server.
@@ -98,6 +107,13 @@ type Options struct {
 	RandN func(n int) int
 	// Metrics collects what /metrics serves; nil means a fresh set.
 	Metrics *Metrics
+	// Revocations serves /v1/revocations and its stream; nil means
+	// Sessions, if it implements RevocationFeed, and 404 otherwise.
+	Revocations RevocationFeed
+	// Shutdown is closed when the HTTP server starts shutting down:
+	// long-lived responses (the revocation stream) end then, since
+	// http.Server.Shutdown waits for them. nil means never.
+	Shutdown <-chan struct{}
 }
 
 type server struct {
@@ -118,6 +134,8 @@ type server struct {
 	router      *chi.Mux
 	metrics     *Metrics
 	logSampler  *logSampler
+	feed        RevocationFeed
+	shutdown    <-chan struct{}
 }
 
 // NewServer returns the HTTP handler serving every tokend route.
@@ -155,6 +173,17 @@ func newServer(o Options) *server {
 		protect:     o.Config.Protection,
 		randN:       o.RandN,
 		metrics:     o.Metrics,
+		feed:        o.Revocations,
+		shutdown:    o.Shutdown,
+	}
+	if s.feed == nil {
+		s.feed, _ = o.Sessions.(RevocationFeed)
+	}
+	if s.cfg.StreamHeartbeat <= 0 {
+		s.cfg.StreamHeartbeat = DefaultStreamHeartbeat
+	}
+	if s.cfg.StreamPoll <= 0 {
+		s.cfg.StreamPoll = DefaultStreamPoll
 	}
 	if s.metrics == nil {
 		s.metrics = NewMetrics()
@@ -207,6 +236,13 @@ func (s *server) addRoutes(r *chi.Mux) {
 	// methods get 405 and the route is listed with the others.
 	r.Get(jwksPath, s.handleJWKS())
 	r.Get("/metrics", s.metrics.handler().ServeHTTP)
+	// The browser client (client/tokend.js): public, cacheable, never limited.
+	r.Get(clientJSPath, s.handleClientJS())
+
+	// Dev mode only, 404 otherwise: the demo page, and a way for it to get a
+	// session without an application backend (same-origin callers only).
+	r.With(s.devOnly).Get("/", s.handleDemoPage())
+	r.With(s.devOnly, s.checkOrigin).Post("/dev/session", s.handleDevSession())
 
 	// Browser endpoints: authenticated by the session cookie, callable
 	// cross-origin by allowed origins only.
@@ -231,6 +267,15 @@ func (s *server) addRoutes(r *chi.Mux) {
 		r.Use(s.requireKey(s.serviceKeys), s.shed,
 			s.rateLimit(limitPolicy{name: "service", limit: s.protect.ServiceLimit, key: serviceKey}))
 		r.Post("/v1/sessions", s.handleCreateSession())
+	})
+
+	// Validators: service API key. Neither shed nor rate-limited: a stream
+	// lives for hours and would hold a slot, and validators must not
+	// spend the budget of session creation.
+	r.Group(func(r chi.Router) {
+		r.Use(s.requireKey(s.serviceKeys))
+		r.Get("/v1/revocations", s.handleRevocations())
+		r.Get("/v1/revocations/stream", s.handleRevocationStream())
 	})
 
 	// Admins: admin API key.

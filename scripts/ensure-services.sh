@@ -5,7 +5,9 @@
 #   2. starts it if it is installed but stopped;
 #   3. installs it with apt-get if run as root on Debian (CI), then starts it;
 #   4. otherwise fails, saying what is missing and how to get it.
-# It is idempotent and prints one line per service on success.
+# It is idempotent and prints one line per service on success. It also
+# makes sure that Node.js and Chromium, which the browser client's tests run
+# on, are installed, installing them the same way.
 #
 # The Go tests find the services through two variables, whose defaults match
 # what this script provides (PostgreSQL with trust auth for 127.0.0.1):
@@ -232,11 +234,28 @@ ensure_redis() {
 	echo "redis: $how on $REDIS_HOST:$REDIS_PORT"
 }
 
+# --- Chromium and Node.js ------------------------------------------------------
+
+# ensure_browser_tools provides what the browser client's tests run on: node
+# runs client/test/, and the Go browser tests (cmd/tokend) drive Chromium,
+# which they find as chromium, chromium-browser or google-chrome, or at
+# TOKEND_TEST_CHROMIUM.
+ensure_browser_tools() {
+	need_pkg node nodejs
+	echo "nodejs: $(node --version)"
+	if [[ -n ${TOKEND_TEST_CHROMIUM:-} ]]; then
+		[[ -x $TOKEND_TEST_CHROMIUM ]] || die "TOKEND_TEST_CHROMIUM=$TOKEND_TEST_CHROMIUM is not an executable"
+	elif ! have chromium && ! have chromium-browser && ! have google-chrome; then
+		need_pkg chromium chromium
+	fi
+	echo "chromium: found"
+}
+
 main() {
 	have go || die "go is not on PATH; install Go 1.26 (https://go.dev/dl/) or add /usr/local/go/bin to PATH"
 	ensure_postgres
 	ensure_redis
-	# Later: need_pkg chromium chromium; need_pkg node nodejs
+	ensure_browser_tools
 }
 
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then

@@ -52,6 +52,17 @@ type Service struct {
 
 	flight singleflight.Group
 	recent recentTokens
+
+	publisher RevocationPublisher
+	changed   signal
+}
+
+// RevocationPublisher announces revocations outside tokend's own feed, such
+// as on a Redis channel. It is best effort: it is called in its own
+// goroutine after the revocation has committed, must bound its own time,
+// and logs its own failures; a failure never undoes or fails a revocation.
+type RevocationPublisher interface {
+	PublishRevocations(ctx context.Context, revs []Revocation)
 }
 
 // Option configures a Service.
@@ -65,6 +76,12 @@ func WithRandom(r io.Reader) Option { return func(s *Service) { s.random = r } }
 
 // WithJitter replaces the uniform draw in [0, 1) that places refresh_in.
 func WithJitter(f func() float64) Option { return func(s *Service) { s.jitter = f } }
+
+// WithRevocationPublisher announces every revocation this service makes
+// through p as well.
+func WithRevocationPublisher(p RevocationPublisher) Option {
+	return func(s *Service) { s.publisher = p }
+}
 
 // NewService returns a Service. Zero fields of cfg take their defaults.
 func NewService(store Store, minter Minter, cfg Config, opts ...Option) *Service {
@@ -90,6 +107,7 @@ func NewService(store Store, minter Minter, cfg Config, opts ...Option) *Service
 		o(s)
 	}
 	s.recent.m = make(map[string]recentToken)
+	s.changed.ch = make(chan struct{})
 	return s
 }
 
@@ -389,11 +407,30 @@ func (s *Service) Revoke(ctx context.Context, sid, reason string) (Session, erro
 }
 
 func (s *Service) revoke(ctx context.Context, sid, reason string) (Session, error) {
-	sess, err := s.store.RevokeSession(ctx, sid, s.now(), reason)
+	// Microseconds are what every store keeps, so the stored time can be
+	// compared with at to tell whether this call is the one that revoked.
+	at := s.now().Truncate(time.Microsecond)
+	sess, err := s.store.RevokeSession(ctx, sid, at, reason)
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		return Session{}, fmt.Errorf("revoke session: %w", err)
 	}
+	if err == nil && sess.RevokedAt.Equal(at) && sess.RevokeReason == reason {
+		s.revoked(ctx, []Revocation{{SID: sess.ID, Subject: sess.Subject, RevokedAt: at, Reason: reason}})
+	}
 	return sess, err
+}
+
+// revoked wakes the readers of the revocation log and hands the new
+// revocations to the publisher.
+func (s *Service) revoked(ctx context.Context, revs []Revocation) {
+	s.NotifyRevocations()
+	if s.publisher == nil || len(revs) == 0 {
+		return
+	}
+	for i := range revs {
+		revs[i].TokensExpireAt = revs[i].RevokedAt.Add(s.cfg.TokenTTL)
+	}
+	go s.publisher.PublishRevocations(context.WithoutCancel(ctx), revs)
 }
 
 // RevokeSubject revokes every live session of subject and returns the ids it
@@ -412,9 +449,80 @@ func (s *Service) RevokeSubject(ctx context.Context, subject, reason string) ([]
 	if reason == "" {
 		reason = "admin"
 	}
-	ids, err := s.store.RevokeSubject(ctx, subject, s.now(), reason)
+	at := s.now().Truncate(time.Microsecond)
+	ids, err := s.store.RevokeSubject(ctx, subject, at, reason)
 	if err != nil {
 		return nil, fmt.Errorf("revoke subject: %w", err)
 	}
+	if len(ids) > 0 {
+		revs := make([]Revocation, len(ids))
+		for i, id := range ids {
+			revs[i] = Revocation{SID: id, Subject: subject, RevokedAt: at, Reason: reason}
+		}
+		s.revoked(ctx, revs)
+	}
 	return ids, nil
+}
+
+// Limits of Revocations.
+const (
+	DefaultRevocationLimit = 100
+	MaxRevocationLimit     = 1000
+)
+
+// Revocations returns up to limit entries of the revocation log after the
+// cursor after, oldest first, with TokensExpireAt filled in; limit 0 means
+// DefaultRevocationLimit.
+func (s *Service) Revocations(ctx context.Context, after int64, limit int) ([]Revocation, error) {
+	var verr ValidationError
+	if after < 0 {
+		verr.Add("after", "must be a cursor (a non-negative integer)")
+	}
+	switch {
+	case limit == 0:
+		limit = DefaultRevocationLimit
+	case limit < 0 || limit > MaxRevocationLimit:
+		verr.Add("limit", fmt.Sprintf("must be between 1 and %d", MaxRevocationLimit))
+	}
+	if err := verr.Err(); err != nil {
+		return nil, err
+	}
+	revs, err := s.store.Revocations(ctx, after, limit)
+	if err != nil {
+		return nil, fmt.Errorf("read revocations: %w", err)
+	}
+	for i := range revs {
+		revs[i].TokensExpireAt = revs[i].RevokedAt.Add(s.cfg.TokenTTL)
+	}
+	return revs, nil
+}
+
+// RevocationsChanged returns a channel that is closed at the next
+// revocation made through this service or announced by NotifyRevocations.
+// Readers of the log take the channel before they read, so that no
+// revocation falls between their read and their wait.
+func (s *Service) RevocationsChanged() <-chan struct{} { return s.changed.wait() }
+
+// NotifyRevocations wakes the readers of the revocation log; cmd/tokend
+// calls it when another instance announces a revocation.
+func (s *Service) NotifyRevocations() { s.changed.notify() }
+
+// signal is a broadcast: the channel from wait is closed by the next
+// notify.
+type signal struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+func (g *signal) wait() <-chan struct{} {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.ch
+}
+
+func (g *signal) notify() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	close(g.ch)
+	g.ch = make(chan struct{})
 }

@@ -166,12 +166,43 @@ type Store interface {
 	TouchSession(ctx context.Context, sid string, at time.Time) error
 	// RevokeSession marks the session revoked at the given time unless it
 	// already is, and returns it as stored afterwards. ErrNotFound if absent.
+	// The call that revokes the session also appends one Revocation to the
+	// revocation log, atomically with the change; a call that finds the
+	// session already revoked appends nothing.
 	RevokeSession(ctx context.Context, sid string, at time.Time, reason string) (Session, error)
 	// RevokeSubject revokes every session of subject that is neither revoked
 	// nor past its Deadline at the given time, and returns the ids it
-	// revoked.
+	// revoked. It appends one Revocation per revoked session to the
+	// revocation log, atomically with the change.
 	RevokeSubject(ctx context.Context, subject string, at time.Time, reason string) ([]string, error)
 	// SessionsBySubject returns up to limit sessions of subject, newest
 	// first; a limit below 1 returns none.
 	SessionsBySubject(ctx context.Context, subject string, limit int) ([]Session, error)
+	// Revocations returns up to limit entries of the revocation log whose
+	// Cursor is greater than after, in increasing Cursor order; a limit
+	// below 1 returns none. Cursors are positive and strictly increasing in
+	// the order the revocations became visible, so a reader that resumes
+	// after the last cursor it saw misses nothing and sees nothing twice.
+	// Entries whose RevokedAt is older than the token TTL plus a leeway may
+	// have been purged: every token of such a session has expired anyway.
+	Revocations(ctx context.Context, after int64, limit int) ([]Revocation, error)
+}
+
+// Revocation is one entry of the revocation log: a session that was revoked
+// (by an admin, a subject-wide revocation or a logout). Validators follow the
+// log to drop the sockets of revoked sessions and refuse their tokens before
+// those expire.
+type Revocation struct {
+	// Cursor is the entry's position in the log: positive, strictly
+	// increasing.
+	Cursor    int64
+	SID       string
+	Subject   string
+	RevokedAt time.Time
+	Reason    string
+	// TokensExpireAt is when every token the session was issued before its
+	// revocation has expired: RevokedAt plus the token TTL. Validators may
+	// forget the revocation after it (plus their clock leeway). Stores leave
+	// it zero; the Service fills it in.
+	TokensExpireAt time.Time
 }

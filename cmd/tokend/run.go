@@ -121,25 +121,38 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		keyAdmin, keySource = ring, storeName
 	}
 
-	limiter, closeRedis, err := newLimiter(ctx, cfg, logger)
+	limiter, publisher, closeRedis, err := newLimiter(ctx, cfg, logger)
 	if err != nil {
 		return err
 	}
 	defer closeRedis()
 
+	var sessionOpts []session.Option
+	if publisher != nil {
+		sessionOpts = append(sessionOpts, session.WithRevocationPublisher(publisher))
+	}
 	sessions := session.NewService(store, iss, session.Config{
 		TokenTTL:    cfg.TokenTTL,
 		SessionTTL:  cfg.SessionTTL,
 		ReuseWindow: cfg.TokenReuseWindow,
-	})
+	}, sessionOpts...)
+	if pg != nil {
+		// Revocation streams on this instance wake when any instance
+		// revokes, not only at their next poll.
+		go forward(bgCtx, pg.RevocationNotices(), sessions.NotifyRevocations)
+	}
+	// Closed when srv starts shutting down, so that revocation streams end
+	// and the drain can finish.
+	shuttingDown := make(chan struct{})
 
-	var ready atomic.Bool
+	var ready, draining atomic.Bool
 	handler := api.NewServer(api.Options{
 		Logger:   logger,
 		Sessions: sessions,
 		Keys:     iss,
 		KeyAdmin: keyAdmin,
 		Ready:    func() bool { return ready.Load() && healthy() },
+		Shutdown: shuttingDown,
 		Config: api.Config{
 			Cookie: api.Cookie{
 				Name:     cfg.CookieName,
@@ -149,6 +162,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 				SameSite: cfg.CookieSameSite,
 			},
 			AllowedOrigins:     cfg.AllowedOrigins,
+			Dev:                cfg.Dev,
 			ServiceKeys:        cfg.ServiceKeys,
 			AdminKeys:          cfg.AdminKeys,
 			JWKSMaxAge:         cfg.JWKSMaxAge,
@@ -166,7 +180,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		},
 	})
 	srv := &http.Server{
-		Handler:           handler,
+		Handler:           closeWhileDraining(handler, &draining),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      15 * time.Second,
@@ -174,8 +188,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
+	srv.RegisterOnShutdown(func() { close(shuttingDown) })
 
-	go purgeLoop(bgCtx, logger, store.(purger), cfg.SessionRetention)
+	go purgeLoop(bgCtx, logger, store.(purger), cfg.SessionRetention, cfg.TokenTTL+revocationLeeway)
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
@@ -204,6 +219,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	// Drain: stop advertising readiness, give load balancers time to notice,
 	// then let in-flight requests finish.
 	ready.Store(false)
+	draining.Store(true)
 	logger.Info("shutting down", slog.Duration("drain_delay", cfg.DrainDelay))
 	time.Sleep(cfg.DrainDelay)
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
@@ -249,16 +265,18 @@ func fixedKey(cfg config) (issuer.Key, error) {
 // newLimiter returns the rate limiter: Redis-backed with a per-instance
 // fallback when TOKEND_REDIS_URL is set, per-instance otherwise. An
 // unreachable Redis does not stop start-up: refusing to start would turn a
-// Redis outage into a tokend outage exactly when a fleet restarts.
-func newLimiter(ctx context.Context, cfg config, logger *slog.Logger) (*ratelimit.Fallback, func(), error) {
+// Redis outage into a tokend outage exactly when a fleet restarts. With
+// Redis it also returns the publisher of revocations on
+// redisstore.RevocationsChannel (nil without).
+func newLimiter(ctx context.Context, cfg config, logger *slog.Logger) (*ratelimit.Fallback, session.RevocationPublisher, func(), error) {
 	opts := ratelimit.FallbackOptions{Logger: logger}
 	if cfg.RedisURL == "" {
-		return ratelimit.NewFallback(nil, opts), func() {}, nil
+		return ratelimit.NewFallback(nil, opts), nil, func() {}, nil
 	}
 	redisstore.UseLogger(logger)
 	client, err := redisstore.NewClient(cfg.RedisURL)
 	if err != nil {
-		return nil, nil, fmt.Errorf("TOKEND_REDIS_URL: %w", err)
+		return nil, nil, nil, fmt.Errorf("TOKEND_REDIS_URL: %w", err)
 	}
 	pingCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
@@ -266,7 +284,20 @@ func newLimiter(ctx context.Context, cfg config, logger *slog.Logger) (*ratelimi
 		logger.Warn("redis is not reachable; rate limits apply per instance until it is", slog.Any("error", err))
 	}
 	shared := redisstore.NewLimiter(client, "tokend:rl:")
-	return ratelimit.NewFallback(shared, opts), func() { _ = client.Close() }, nil
+	publisher := redisstore.NewPublisher(client, redisstore.RevocationsChannel, logger)
+	return ratelimit.NewFallback(shared, opts), publisher, func() { _ = client.Close() }, nil
+}
+
+// forward calls f for every signal on ch until ctx ends.
+func forward(ctx context.Context, ch <-chan struct{}, f func()) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ch:
+			f()
+		}
+	}
 }
 
 func limitsSummary(cfg config) string {
@@ -277,13 +308,21 @@ func limitsSummary(cfg config) string {
 	return fmt.Sprintf("session %s, ip %s, service %s (%s)", cfg.RateSession, cfg.RateIP, cfg.RateService, where)
 }
 
-// purger is implemented by stores that can delete ended sessions.
+// purger is implemented by stores that can delete ended sessions and old
+// entries of the revocation log.
 type purger interface {
 	Purge(ctx context.Context, cutoff time.Time) (int, error)
+	PurgeRevocations(ctx context.Context, cutoff time.Time) (int, error)
 }
 
-// purgeLoop deletes sessions that ended more than retention ago.
-func purgeLoop(ctx context.Context, logger *slog.Logger, p purger, retention time.Duration) {
+// revocationLeeway is how long, beyond the token TTL, revocations stay in
+// the log: longer than any validator's clock leeway (verify.MaxLeeway).
+const revocationLeeway = 5 * time.Minute
+
+// purgeLoop deletes sessions that ended more than retention ago, and
+// revocations older than revocations (by then every token of their
+// sessions has expired).
+func purgeLoop(ctx context.Context, logger *slog.Logger, p purger, retention, revocations time.Duration) {
 	t := time.NewTicker(10 * time.Minute)
 	defer t.Stop()
 	for {
@@ -299,6 +338,11 @@ func purgeLoop(ctx context.Context, logger *slog.Logger, p purger, retention tim
 		}
 		if n > 0 {
 			logger.Info("purged ended sessions", slog.Int("count", n))
+		}
+		if n, err := p.PurgeRevocations(ctx, time.Now().Add(-revocations)); err != nil {
+			logger.Warn("purging old revocations failed", slog.Any("error", err))
+		} else if n > 0 {
+			logger.Info("purged old revocations", slog.Int("count", n))
 		}
 	}
 }
@@ -333,6 +377,8 @@ func printDevBanner(w io.Writer, cfg config, base string) {
 	} else {
 		svc, adm = "$TOKEND_SERVICE_KEY", "$TOKEND_ADMIN_KEY"
 	}
+	fmt.Fprintf(&b, "Demo page:      %s/  (a live token refresh in your browser; open it in two tabs)\n", base)
+	fmt.Fprintf(&b, "Browser client: %s/js/tokend.js\n\n", base)
 	fmt.Fprintf(&b, "Try it:\n\n")
 	fmt.Fprintf(&b, "  # 1. your backend creates a session for a signed-in user and hands the cookie to the browser\n")
 	fmt.Fprintf(&b, "  COOKIE=$(curl -s -X POST %s/v1/sessions -H 'Authorization: Bearer %s' -H 'Content-Type: application/json' -d '{\"subject\":\"alice\"}' | sed -n 's/.*\"value\":\"\\([^\"]*\\)\".*/\\1/p')\n", base, svc)
@@ -345,4 +391,19 @@ func printDevBanner(w io.Writer, cfg config, base string) {
 	fmt.Fprintf(&b, "  curl -s -X POST %s/v1/token -H \"Cookie: %s=$COOKIE\"\n\n", base, cfg.CookieName)
 	fmt.Fprintf(&b, "Stop with Ctrl-C.\n")
 	_, _ = io.WriteString(w, b.String())
+}
+
+// closeWhileDraining answers with "Connection: close" once draining is set,
+// so that every kept-alive connection is retired by the response to its
+// next request while the listener is still open. Left to Shutdown, a
+// connection between two requests is closed as idle, and a request its
+// client sends at that moment fails without an answer (a POST is not
+// retried by clients).
+func closeWhileDraining(h http.Handler, draining *atomic.Bool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if draining.Load() {
+			w.Header().Set("Connection", "close")
+		}
+		h.ServeHTTP(w, r)
+	})
 }

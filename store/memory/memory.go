@@ -5,6 +5,7 @@ package memory
 import (
 	"context"
 	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -13,17 +14,25 @@ import (
 )
 
 // Store keeps sessions in maps guarded by one RWMutex; refreshes only read.
+// The revocation log is a slice in cursor order under the same mutex.
 type Store struct {
-	mu        sync.RWMutex
-	sessions  map[string]*session.Session
-	bySubject map[string]map[string]struct{}
+	mu          sync.RWMutex
+	sessions    map[string]*session.Session
+	bySubject   map[string]map[string]struct{}
+	revocations []session.Revocation
+	lastCursor  int64
 }
 
 // New returns an empty store.
+//
+// Its revocation log starts at the current time in microseconds rather
+// than at zero, so that a validator that followed the log of a previous
+// process (and resumes after its last cursor) sees the new entries.
 func New() *Store {
 	return &Store{
-		sessions:  make(map[string]*session.Session),
-		bySubject: make(map[string]map[string]struct{}),
+		sessions:   make(map[string]*session.Session),
+		bySubject:  make(map[string]map[string]struct{}),
+		lastCursor: time.Now().UnixMicro(),
 	}
 }
 
@@ -85,8 +94,17 @@ func (m *Store) RevokeSession(_ context.Context, sid string, at time.Time, reaso
 	if s.RevokedAt.IsZero() {
 		s.RevokedAt = at
 		s.RevokeReason = reason
+		m.appendRevocation(s)
 	}
 	return *s, nil
+}
+
+// appendRevocation logs the revocation of s; m.mu is held for writing.
+func (m *Store) appendRevocation(s *session.Session) {
+	m.lastCursor++
+	m.revocations = append(m.revocations, session.Revocation{
+		Cursor: m.lastCursor, SID: s.ID, Subject: s.Subject, RevokedAt: s.RevokedAt, Reason: s.RevokeReason,
+	})
 }
 
 // RevokeSubject implements session.Store.
@@ -103,7 +121,36 @@ func (m *Store) RevokeSubject(_ context.Context, subject string, at time.Time, r
 		}
 	}
 	slices.Sort(revoked)
+	for _, sid := range revoked {
+		m.appendRevocation(m.sessions[sid])
+	}
 	return revoked, nil
+}
+
+// Revocations implements session.Store.
+func (m *Store) Revocations(_ context.Context, after int64, limit int) ([]session.Revocation, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if limit < 1 {
+		return []session.Revocation{}, nil
+	}
+	i := sort.Search(len(m.revocations), func(i int) bool { return m.revocations[i].Cursor > after })
+	end := min(i+limit, len(m.revocations))
+	return slices.Clone(m.revocations[i:end]), nil
+}
+
+// PurgeRevocations drops the entries of the revocation log revoked before
+// cutoff and returns how many it dropped. Callers pass now minus the token
+// TTL and a leeway: every token of those sessions has expired.
+func (m *Store) PurgeRevocations(_ context.Context, cutoff time.Time) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	before := len(m.revocations)
+	m.revocations = slices.DeleteFunc(m.revocations, func(r session.Revocation) bool { return r.RevokedAt.Before(cutoff) })
+	if len(m.revocations) == 0 {
+		m.revocations = nil // let the backing array go
+	}
+	return before - len(m.revocations), nil
 }
 
 // SessionsBySubject implements session.Store.

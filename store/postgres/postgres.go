@@ -39,6 +39,9 @@ const (
 	migrateLockID int64 = 0x746f6b656e640001 // "tokend" 1
 	keysLockID    int64 = 0x746f6b656e640002
 	purgeLockID   int64 = 0x746f6b656e640003
+	// revocationsLockID serialises appends to the revocation log (held
+	// until commit), so that cursors become visible in increasing order.
+	revocationsLockID int64 = 0x746f6b656e640004
 )
 
 // Options configure a Store.
@@ -76,6 +79,7 @@ type Store struct {
 	warmUp      time.Duration
 	healthy     atomic.Bool // the last health check reached the database
 	keysChanged chan struct{}
+	revoked     chan struct{}
 }
 
 // Open connects to the database at url. It does not migrate; call Migrate.
@@ -119,6 +123,7 @@ func Open(ctx context.Context, url string, o Options) (*Store, error) {
 		opTimeout:   o.OpTimeout,
 		warmUp:      o.CacheWarmUp,
 		keysChanged: make(chan struct{}, 1),
+		revoked:     make(chan struct{}, 1),
 	}
 	s.peers = newPeers(randomID())
 	s.ackQueue = make(chan string, 4096)
@@ -173,6 +178,11 @@ func (s *Store) Healthy() bool { return s.healthy.Load() }
 
 // KeysChanged fires when another instance changed the signing keys.
 func (s *Store) KeysChanged() <-chan struct{} { return s.keysChanged }
+
+// RevocationNotices fires when a revocation is announced through NOTIFY,
+// by any instance (this one included), so that readers of the revocation
+// log on this instance can look at once instead of at their next poll.
+func (s *Store) RevocationNotices() <-chan struct{} { return s.revoked }
 
 // Run keeps the LISTEN connection and the health check going until ctx
 // ends.

@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"slices"
 	"strings"
 	"sync"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/tokend/tokend/internal/testenv"
 	"github.com/tokend/tokend/issuer"
+	"github.com/tokend/tokend/migrations"
 	"github.com/tokend/tokend/session"
 	"github.com/tokend/tokend/store/postgres"
 	"github.com/tokend/tokend/store/storetest"
@@ -154,7 +156,7 @@ func checkSchema(t *testing.T, url string) {
 	t.Helper()
 	conn := connect(t, url)
 	ctx := context.Background()
-	for _, table := range []string{"sessions", "signing_keys"} {
+	for _, table := range []string{"sessions", "signing_keys", "revocations"} {
 		var exists bool
 		if err := conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, table).Scan(&exists); err != nil {
 			t.Fatal(err)
@@ -171,8 +173,16 @@ func checkSchema(t *testing.T, url string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(versions, []int64{1}) {
-		t.Errorf("applied migrations = %v, want [1] (each applied once)", versions)
+	files, err := fs.Glob(migrations.FS, "*.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []int64
+	for i := range files {
+		want = append(want, int64(i+1))
+	}
+	if !slices.Equal(versions, want) {
+		t.Errorf("applied migrations = %v, want %v (each applied once)", versions, want)
 	}
 }
 
@@ -475,6 +485,43 @@ func TestKeysChangedNotifiesOtherInstances(t *testing.T) {
 		case <-b.KeysChanged():
 		case <-time.After(10 * time.Second):
 			t.Fatalf("change %d: instance B was not told within 10s", i)
+		}
+	}
+}
+
+// TestRevocationNoticesReachOtherInstances: a revocation on one instance
+// signals RevocationNotices on the others, so that their revocation
+// streams look at once; the entry is in the log by then.
+func TestRevocationNoticesReachOtherInstances(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.DatabaseURL(t)
+	a, b := startStore(t, url, testKEK), startStore(t, url, testKEK)
+	for i, revoke := range []func(sid string) error{
+		func(sid string) error { _, err := a.RevokeSession(ctx, sid, base, "admin"); return err },
+		func(string) error { _, err := a.RevokeSubject(ctx, "bob", base, "admin"); return err },
+	} {
+		sess := newSession("bob", base, base.Add(time.Hour))
+		if err := a.CreateSession(ctx, sess); err != nil {
+			t.Fatal(err)
+		}
+		select { // drain a notice left by an earlier round
+		case <-b.RevocationNotices():
+		default:
+		}
+		if err := revoke(sess.ID); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-b.RevocationNotices():
+		case <-time.After(5 * time.Second):
+			t.Fatalf("round %d: instance B heard of no revocation within 5s", i)
+		}
+		revs, err := b.Revocations(ctx, 0, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(revs) != i+1 || revs[i].SID != sess.ID {
+			t.Errorf("round %d: B reads the log %+v, want the revocation of %s last", i, revs, sess.ID)
 		}
 	}
 }

@@ -152,11 +152,22 @@ func (s *Store) RevokeSession(ctx context.Context, sid string, at time.Time, rea
 	var sess session.Session
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var err error
-		sess, err = scanSession(tx.QueryRow(ctx, `UPDATE sessions
-			SET revoked_at = coalesce(revoked_at, $2), revoke_reason = coalesce(revoke_reason, $3)
-			WHERE sid = $1 RETURNING `+sessionColumns, sid, at, reason))
-		if err != nil {
+		// A concurrent revocation holds the row; once it commits, the
+		// condition no longer matches and this one reads what it stored.
+		sess, err = scanSession(tx.QueryRow(ctx, `UPDATE sessions SET revoked_at = $2, revoke_reason = $3
+			WHERE sid = $1 AND revoked_at IS NULL RETURNING `+sessionColumns, sid, at, reason))
+		switch {
+		case errors.Is(err, pgx.ErrNoRows): // absent, or revoked already: nothing to log
+			sess, err = scanSession(tx.QueryRow(ctx, `SELECT `+sessionColumns+` FROM sessions WHERE sid = $1`, sid))
+			if err != nil {
+				return err
+			}
+		case err != nil:
 			return err
+		default:
+			if err := logRevocations(ctx, tx, []string{sid}, sess.Subject, at, reason); err != nil {
+				return err
+			}
 		}
 		_, err = tx.Exec(ctx, `SELECT pg_notify($1, $2)`, sessionsChannel, sid)
 		return err
@@ -202,6 +213,9 @@ func (s *Store) RevokeSubject(ctx context.Context, subject string, at time.Time,
 			ids, at, reason); err != nil {
 			return err
 		}
+		if err := logRevocations(ctx, tx, ids, subject, at, reason); err != nil {
+			return err
+		}
 		_, err = tx.Exec(ctx, `SELECT pg_notify($1, sid) FROM unnest($2::text[]) AS sid`, sessionsChannel, ids)
 		return err
 	})
@@ -218,6 +232,53 @@ func (s *Store) RevokeSubject(ctx context.Context, subject string, at time.Time,
 	}
 	s.awaitAcks(ctx, acks)
 	return ids, nil
+}
+
+// logRevocations appends the revocation of sids to the log, in the
+// transaction that revokes them. The advisory lock, held until commit,
+// serialises appends: a cursor taken later commits later, so a reader that
+// has seen cursor n can never meet a smaller one afterwards.
+func logRevocations(ctx context.Context, tx pgx.Tx, sids []string, subject string, at time.Time, reason string) error {
+	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, revocationsLockID); err != nil {
+		return err
+	}
+	_, err := tx.Exec(ctx, `INSERT INTO revocations (sid, subject, revoked_at, reason)
+		SELECT sid, $2, $3, $4 FROM unnest($1::text[]) WITH ORDINALITY AS t(sid, n) ORDER BY n`,
+		sids, subject, at, reason)
+	return err
+}
+
+// Revocations implements session.Store.
+func (s *Store) Revocations(ctx context.Context, after int64, limit int) ([]session.Revocation, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	rows, err := s.pool.Query(ctx, `SELECT cursor, sid, subject, revoked_at, reason FROM revocations
+		WHERE cursor > $1 ORDER BY cursor LIMIT $2`, after, max(limit, 0))
+	if err != nil {
+		return nil, fmt.Errorf("read revocations: %w", classify(err))
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (session.Revocation, error) {
+		var rev session.Revocation
+		err := r.Scan(&rev.Cursor, &rev.SID, &rev.Subject, &rev.RevokedAt, &rev.Reason)
+		return rev, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read revocations: %w", classify(err))
+	}
+	return out, nil
+}
+
+// PurgeRevocations deletes the entries of the revocation log revoked
+// before cutoff and returns how many it deleted. Callers pass now minus the
+// token TTL and a leeway: every token of those sessions has expired.
+func (s *Store) PurgeRevocations(ctx context.Context, cutoff time.Time) (int, error) {
+	ctx, cancel := s.op(ctx)
+	defer cancel()
+	tag, err := s.pool.Exec(ctx, `DELETE FROM revocations WHERE revoked_at < $1`, cutoff)
+	if err != nil {
+		return 0, fmt.Errorf("purge revocations: %w", classify(err))
+	}
+	return int(tag.RowsAffected()), nil
 }
 
 // SessionsBySubject implements session.Store.
@@ -407,6 +468,10 @@ func (s *Store) listen(ctx context.Context) error {
 		case sessionsChannel:
 			if s.cache != nil {
 				s.cache.invalidate(n.Payload)
+			}
+			select {
+			case s.revoked <- struct{}{}:
+			default:
 			}
 			s.peers.acked(s.peers.self, n.Payload)
 			s.queueAck(n.Payload)

@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -57,6 +58,10 @@ func Run(t *testing.T, newStore func(t *testing.T) session.Store) {
 		{"ConcurrentRevokeSession", testConcurrentRevoke},
 		{"ConcurrentRevokeSubject", testConcurrentRevokeSubject},
 		{"ConcurrentMixed", testConcurrentMixed},
+		{"RevocationLog", testRevocationLog},
+		{"RevocationLogPaging", testRevocationLogPaging},
+		{"RevocationLogConcurrentTail", testRevocationLogConcurrentTail},
+		{"RevocationLogPurge", testRevocationLogPurge},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -737,5 +742,321 @@ func testConcurrentMixed(t *testing.T, s session.Store) {
 	}
 	if total != workers*perWorker {
 		t.Errorf("listed %d sessions in all, want %d", total, workers*perWorker)
+	}
+}
+
+// allRevocations reads the whole revocation log after cursor.
+func allRevocations(t *testing.T, s session.Store, after int64) []session.Revocation {
+	t.Helper()
+	var out []session.Revocation
+	for {
+		page, err := s.Revocations(context.Background(), after, 3)
+		if err != nil {
+			t.Fatalf("Revocations(%d, 3): %v", after, err)
+		}
+		if len(page) == 0 {
+			return out
+		}
+		out = append(out, page...)
+		after = page[len(page)-1].Cursor
+	}
+}
+
+// wantLog checks that log holds exactly the given revocations, in order,
+// with strictly increasing positive cursors.
+func wantLog(t *testing.T, log []session.Revocation, want []session.Revocation) {
+	t.Helper()
+	if len(log) != len(want) {
+		t.Fatalf("revocation log has %d entries, want %d: %+v", len(log), len(want), log)
+	}
+	var last int64
+	for i, got := range log {
+		if got.Cursor <= last {
+			t.Errorf("entry %d: cursor %d after %d, want strictly increasing and positive", i, got.Cursor, last)
+		}
+		last = got.Cursor
+		w := want[i]
+		if got.SID != w.SID || got.Subject != w.Subject || !got.RevokedAt.Equal(w.RevokedAt) || got.Reason != w.Reason {
+			t.Errorf("entry %d = {%s %q %v %q}, want {%s %q %v %q}", i,
+				got.SID, got.Subject, got.RevokedAt, got.Reason, w.SID, w.Subject, w.RevokedAt, w.Reason)
+		}
+		if !got.TokensExpireAt.IsZero() {
+			t.Errorf("entry %d: the store set TokensExpireAt = %v; that is the service's to fill in", i, got.TokensExpireAt)
+		}
+	}
+}
+
+func testRevocationLog(t *testing.T, s session.Store) {
+	ctx := context.Background()
+	if log := allRevocations(t, s, 0); len(log) != 0 {
+		t.Fatalf("a new store has revocations: %+v", log)
+	}
+	one := sample("alice", base)
+	a1, a2, a3 := sample("bob", base), sample("bob", base.Add(time.Second)), sample("bob", base.Add(2*time.Second))
+	expired := sample("bob", base.Add(-9*time.Hour))
+	for _, sess := range []session.Session{one, a1, a2, a3, expired} {
+		mustCreate(t, s, sess)
+	}
+	var want []session.Revocation
+
+	// RevokeSession logs the revocation, once.
+	at := base.Add(time.Minute + 7*time.Millisecond)
+	if _, err := s.RevokeSession(ctx, one.ID, at, "logout"); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, session.Revocation{SID: one.ID, Subject: "alice", RevokedAt: at, Reason: "logout"})
+	if _, err := s.RevokeSession(ctx, one.ID, at.Add(time.Minute), "admin"); err != nil {
+		t.Fatal(err)
+	}
+	wantLog(t, allRevocations(t, s, 0), want)
+
+	// Revoking nothing logs nothing.
+	if _, err := s.RevokeSession(ctx, newID(), at, "x"); !errors.Is(err, session.ErrNotFound) {
+		t.Fatalf("RevokeSession(unknown) = %v", err)
+	}
+	if _, err := s.RevokeSubject(ctx, "nobody", at, "x"); err != nil {
+		t.Fatal(err)
+	}
+	wantLog(t, allRevocations(t, s, 0), want)
+
+	// RevokeSubject logs each session it revoked, and only those: not the
+	// one revoked before, not the expired one.
+	if _, err := s.RevokeSession(ctx, a2.ID, at, "stolen"); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, session.Revocation{SID: a2.ID, Subject: "bob", RevokedAt: at, Reason: "stolen"})
+	subjectAt := base.Add(time.Hour)
+	ids, err := s.RevokeSubject(ctx, "bob", subjectAt, "offboarded")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(sorted(ids), sorted([]string{a1.ID, a3.ID})) {
+		t.Fatalf("RevokeSubject = %v, want %v", sorted(ids), sorted([]string{a1.ID, a3.ID}))
+	}
+	log := allRevocations(t, s, 0)
+	for _, id := range sorted([]string{a1.ID, a3.ID}) {
+		want = append(want, session.Revocation{SID: id, Subject: "bob", RevokedAt: subjectAt, Reason: "offboarded"})
+	}
+	if len(log) != len(want) {
+		t.Fatalf("after RevokeSubject the log has %d entries, want %d: %+v", len(log), len(want), log)
+	}
+	{
+		// The order of one RevokeSubject's entries is the store's choice;
+		// their cursors must still follow the earlier ones.
+		wantLog(t, log[:2], want[:2])
+		subjectEntries := slices.Clone(log[2:])
+		slices.SortFunc(subjectEntries, func(a, b session.Revocation) int { return strings.Compare(a.SID, b.SID) })
+		for i, r := range subjectEntries {
+			if r.Cursor <= log[1].Cursor {
+				t.Errorf("subject entry %s has cursor %d, not after %d", r.SID, r.Cursor, log[1].Cursor)
+			}
+			subjectEntries[i].Cursor = log[1].Cursor + int64(i) + 1 // checked above
+		}
+		wantLog(t, subjectEntries, want[2:])
+	}
+
+	// A revocation by RevokeSession after a subject-wide one is logged too.
+	late := sample("bob", base)
+	mustCreate(t, s, late)
+	if _, err := s.RevokeSession(ctx, late.ID, subjectAt.Add(time.Second), "admin"); err != nil {
+		t.Fatal(err)
+	}
+	full := allRevocations(t, s, 0)
+	if len(full) != 5 || full[4].SID != late.ID || full[4].Cursor <= full[3].Cursor {
+		t.Errorf("after a later revocation the log is %+v, want it last with the greatest cursor", full)
+	}
+}
+
+func testRevocationLogPaging(t *testing.T, s session.Store) {
+	ctx := context.Background()
+	var sids []string
+	for i := range 7 {
+		sess := sample(fmt.Sprintf("user-%d", i), base)
+		mustCreate(t, s, sess)
+		if _, err := s.RevokeSession(ctx, sess.ID, base.Add(time.Duration(i)*time.Second), "admin"); err != nil {
+			t.Fatal(err)
+		}
+		sids = append(sids, sess.ID)
+	}
+	all, err := s.Revocations(ctx, 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != 7 {
+		t.Fatalf("Revocations(0, 100) has %d entries, want 7", len(all))
+	}
+	for i, r := range all {
+		if r.SID != sids[i] {
+			t.Errorf("entry %d is %s, want %s (revocation order)", i, r.SID, sids[i])
+		}
+	}
+	for _, tc := range []struct {
+		after int64
+		limit int
+		want  []session.Revocation
+	}{
+		{0, 1, all[:1]},
+		{0, 7, all},
+		{all[0].Cursor, 2, all[1:3]},
+		{all[2].Cursor, 100, all[3:]},
+		{all[6].Cursor, 10, nil},
+		{all[6].Cursor + 1000, 10, nil},
+		{0, 0, nil},
+		{0, -1, nil},
+		{all[3].Cursor - 1, 1, all[3:4]}, // a cursor between entries works too
+	} {
+		got, err := s.Revocations(ctx, tc.after, tc.limit)
+		if err != nil {
+			t.Fatalf("Revocations(%d, %d): %v", tc.after, tc.limit, err)
+		}
+		gotCursors := make([]int64, len(got))
+		for i := range got {
+			gotCursors[i] = got[i].Cursor
+		}
+		wantCursors := make([]int64, len(tc.want))
+		for i := range tc.want {
+			wantCursors[i] = tc.want[i].Cursor
+		}
+		if !slices.Equal(gotCursors, wantCursors) {
+			t.Errorf("Revocations(%d, %d) = cursors %v, want %v", tc.after, tc.limit, gotCursors, wantCursors)
+		}
+	}
+}
+
+// testRevocationLogConcurrentTail revokes from many goroutines while a
+// reader follows the log the way the feed does, resuming after the last
+// cursor it saw: it must see every revocation exactly once. A store whose
+// cursors can become visible out of order (a later cursor committed before
+// an earlier one) makes the reader skip entries.
+func testRevocationLogConcurrentTail(t *testing.T, s session.Store) {
+	ctx := context.Background()
+	const writers, perWriter = 8, 12
+	sessions := make([][]session.Session, writers)
+	for w := range writers {
+		for i := range perWriter {
+			sess := sample(fmt.Sprintf("tail-%d-%d", w, i%3), base)
+			mustCreate(t, s, sess)
+			sessions[w] = append(sessions[w], sess)
+		}
+	}
+	done := make(chan struct{})
+	seen := make(map[string]int)
+	var readErr error
+	var reader sync.WaitGroup
+	reader.Go(func() {
+		var after int64
+		read := func() bool {
+			page, err := s.Revocations(ctx, after, 5)
+			if err != nil {
+				readErr = err
+				return false
+			}
+			for _, r := range page {
+				seen[r.SID]++
+				after = r.Cursor
+			}
+			return len(page) > 0
+		}
+		for {
+			select {
+			case <-done:
+				for read() {
+				}
+				return
+			default:
+				read()
+			}
+		}
+	})
+	var wg sync.WaitGroup
+	errs := make(chan error, writers*perWriter)
+	for w := range writers {
+		wg.Go(func() {
+			for i, sess := range sessions[w] {
+				var err error
+				if i%4 == 3 {
+					_, err = s.RevokeSubject(ctx, sess.Subject, base.Add(time.Minute), "subject")
+				} else {
+					_, err = s.RevokeSession(ctx, sess.ID, base.Add(time.Minute), "admin")
+				}
+				if err != nil {
+					errs <- err
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(done)
+	reader.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("revoke: %v", err)
+	}
+	if readErr != nil {
+		t.Fatalf("Revocations: %v", readErr)
+	}
+	for w := range writers {
+		for _, sess := range sessions[w] {
+			if n := seen[sess.ID]; n != 1 {
+				t.Errorf("the tailing reader saw the revocation of %s %d times, want once", sess.ID, n)
+			}
+		}
+	}
+	if log := allRevocations(t, s, 0); len(log) != writers*perWriter {
+		t.Errorf("the log has %d entries, want %d", len(log), writers*perWriter)
+	}
+}
+
+// revocationPurger is implemented by stores that can drop old entries of
+// the revocation log (both of tokend's do).
+type revocationPurger interface {
+	PurgeRevocations(ctx context.Context, cutoff time.Time) (int, error)
+}
+
+func testRevocationLogPurge(t *testing.T, s session.Store) {
+	p, ok := s.(revocationPurger)
+	if !ok {
+		t.Skip("the store cannot purge its revocation log")
+	}
+	ctx := context.Background()
+	var sessions []session.Session
+	for i := range 4 {
+		sess := sample("alice", base)
+		mustCreate(t, s, sess)
+		sessions = append(sessions, sess)
+		if _, err := s.RevokeSession(ctx, sess.ID, base.Add(time.Duration(i)*time.Minute), "admin"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := allRevocations(t, s, 0)
+	n, err := p.PurgeRevocations(ctx, base.Add(2*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 2 {
+		t.Errorf("PurgeRevocations dropped %d entries, want the 2 revoked before the cutoff", n)
+	}
+	wantLog(t, allRevocations(t, s, 0), before[2:])
+	// The sessions themselves are untouched.
+	for _, sess := range sessions {
+		if mustGet(t, s, sess.ID).RevokedAt.IsZero() {
+			t.Errorf("purging the log changed session %s", sess.ID)
+		}
+	}
+	// Cursors keep growing after a purge, even one that empties the log.
+	if _, err := p.PurgeRevocations(ctx, base.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if log := allRevocations(t, s, 0); len(log) != 0 {
+		t.Fatalf("after purging everything the log is %+v", log)
+	}
+	next := sample("alice", base)
+	mustCreate(t, s, next)
+	if _, err := s.RevokeSession(ctx, next.ID, base.Add(2*time.Hour), "admin"); err != nil {
+		t.Fatal(err)
+	}
+	log := allRevocations(t, s, 0)
+	if len(log) != 1 || log[0].Cursor <= before[3].Cursor {
+		t.Errorf("after a purge the next entry is %+v, want a cursor above %d", log, before[3].Cursor)
 	}
 }
