@@ -59,7 +59,7 @@ func NewMetrics() *Metrics {
 	m.created = prometheus.NewCounter(prometheus.CounterOpts{Name: "tokend_sessions_created_total",
 		Help: "Sessions created."})
 	m.revoked = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokend_sessions_revoked_total",
-		Help: "Sessions revoked, by how (logout, admin, subject)."}, []string{"how"})
+		Help: "Successful revocation requests, by how: logout and admin count requests (repeating one for an already revoked session counts again), subject counts the sessions it revoked."}, []string{"how"})
 	m.jwks = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokend_jwks_requests_total",
 		Help: "JWKS requests, by status (200, 304)."}, []string{"status"})
 	m.storeErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokend_store_errors_total",
