@@ -21,7 +21,7 @@ test: ## start PostgreSQL and Redis if needed, vet, run every test with -race (C
 # matches, so a renamed or missing target fails here instead.
 define fuzz1
 	@$(GO) test -list='^$(1)$$' $(2) | grep -qx '$(1)' || { echo "fuzz: no $(1) in $(2)" >&2; exit 1; }
-	$(GO) test -run='^$$' -fuzz='^$(1)$$' -fuzztime=$(FUZZTIME) $(2)
+	$(GO) test -run='^$$' -fuzz='^$(1)$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5s $(2)
 endef
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
