@@ -5,7 +5,9 @@
 //     baseUrl: "https://tokend.example.com",
 //     onSessionEnd: () => location.assign("/login"),
 //   });
-//   const ws = new WebSocket(`wss://rt.example.com/?access_token=${await tokens.getToken()}`);
+//   const ws = new WebSocket("wss://rt.example.com/");
+//   ws.onopen = async () => ws.send(JSON.stringify({ type: "auth", token: await tokens.getToken() }));
+//   // (never put the token in the URL: URLs end up in logs)
 //
 // The rules it follows, and why:
 //   * It refreshes when the server says (`refresh_in`, drawn by tokend from

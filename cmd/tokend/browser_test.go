@@ -865,8 +865,9 @@ func testWakeAfterFreeze(t *testing.T, fx *browserFixture) {
 	if n := len(fx.tokenRequests(subject)); n != before {
 		t.Fatalf("the frozen page made %d token requests", n-before)
 	}
-	p.setLifecycle(page.SetWebLifecycleStateStateActive)
+	// The page may resume, and refresh, before the command returns.
 	woke := time.Now()
+	p.setLifecycle(page.SetWebLifecycleStateStateActive)
 	got := eval[string](p, "client.getToken()")
 	returned := time.Now()
 	if got == first.Token {

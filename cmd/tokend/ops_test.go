@@ -27,8 +27,9 @@ const (
 	// outcomeComplete: a status line, headers and the whole body, which
 	// parses as JSON.
 	outcomeComplete loadOutcome = iota
-	// outcomeRefused: the connection could not be opened (the listener is
-	// closed). The request never reached the server.
+	// outcomeRefused: no connection could be opened (the listener is
+	// closed, or the load balancer routes no more connections to the
+	// instance). The request never reached the server.
 	outcomeRefused
 	// outcomeNoResponse: the request was (perhaps partly) sent on an open
 	// connection and no response came: EOF or reset before the first
@@ -69,9 +70,11 @@ type loadWorker struct {
 func (w *loadWorker) do(what, method, path string, hdr http.Header) (loadRecord, []byte) {
 	w.n++
 	rec := loadRecord{id: fmt.Sprintf("load-%02d-%06d", w.id, w.n), what: what, sent: time.Now()}
+	// The transport may call these from its own goroutines.
+	var reused, wrote atomic.Bool
 	trace := &httptrace.ClientTrace{
-		GotConn:      func(i httptrace.GotConnInfo) { rec.reused = i.Reused },
-		WroteRequest: func(i httptrace.WroteRequestInfo) { rec.wrote = i.Err == nil },
+		GotConn:      func(i httptrace.GotConnInfo) { reused.Store(i.Reused) },
+		WroteRequest: func(i httptrace.WroteRequestInfo) { wrote.Store(i.Err == nil) },
 	}
 	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), method, w.base+path, nil)
 	if err != nil {
@@ -87,6 +90,7 @@ func (w *loadWorker) do(what, method, path string, hdr http.Header) (loadRecord,
 	}
 	req.Header.Set("X-Request-Id", rec.id)
 	resp, err := w.client.Do(req)
+	rec.reused, rec.wrote = reused.Load(), wrote.Load()
 	if err != nil {
 		rec.err = err
 		var op *net.OpError
