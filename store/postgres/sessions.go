@@ -66,7 +66,7 @@ func (s *Store) CreateSession(ctx context.Context, sess session.Session) error {
 		return session.ErrConflict
 	}
 	if err != nil {
-		return fmt.Errorf("create session: %w", classify(err))
+		return fmt.Errorf("postgres: insert: %w", classify(err))
 	}
 	return nil
 }
@@ -116,7 +116,7 @@ func (s *Store) loadSession(ctx context.Context, sid string) (session.Session, e
 		return session.Session{}, session.ErrNotFound
 	}
 	if err != nil {
-		return session.Session{}, fmt.Errorf("load session: %w", classify(err))
+		return session.Session{}, fmt.Errorf("postgres: select: %w", classify(err))
 	}
 	return sess, nil
 }
@@ -131,7 +131,7 @@ func (s *Store) TouchSession(ctx context.Context, sid string, at time.Time) erro
 			ELSE ends_at END
 		WHERE sid = $1`, sid, at)
 	if err != nil {
-		return fmt.Errorf("touch session: %w", classify(err))
+		return fmt.Errorf("postgres: update last seen: %w", classify(err))
 	}
 	if tag.RowsAffected() == 0 {
 		return session.ErrNotFound
@@ -179,7 +179,7 @@ func (s *Store) RevokeSession(ctx context.Context, sid string, at time.Time, rea
 		return session.Session{}, session.ErrNotFound
 	}
 	if err != nil {
-		return session.Session{}, fmt.Errorf("revoke session: %w", classify(err))
+		return session.Session{}, fmt.Errorf("postgres: revoke: %w", classify(err))
 	}
 	s.awaitAcks(ctx, acks)
 	return sess, nil
@@ -225,7 +225,7 @@ func (s *Store) RevokeSubject(ctx context.Context, subject string, at time.Time,
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("revoke subject: %w", classify(err))
+		return nil, fmt.Errorf("postgres: revoke subject: %w", classify(err))
 	}
 	if ids == nil {
 		ids = []string{}
