@@ -142,8 +142,8 @@ func (s *server) handleDevSession() http.HandlerFunc {
 		}
 		s.metrics.created.Inc()
 		sess := created.Session
-		maxAge := int(sess.CookieExpiresAt.Sub(sess.CreatedAt).Seconds())
-		http.SetCookie(w, s.newCookie(created.Credentials.String(), maxAge))
+		cookie, _ := s.sessionCookie(created)
+		http.SetCookie(w, cookie)
 		w.Header().Set("Cache-Control", "no-store")
 		encode(w, http.StatusCreated, response{
 			SID:       sess.ID,

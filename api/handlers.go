@@ -135,6 +135,35 @@ func (s *server) clearCookie() *http.Cookie { return s.newCookie("", -1) }
 // timestamp renders times in UTC to the second, as every *_at field is.
 func timestamp(t time.Time) time.Time { return t.UTC().Truncate(time.Second) }
 
+// optionalTimestamp is timestamp for fields that are absent when t is zero.
+func optionalTimestamp(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	ts := timestamp(t)
+	return &ts
+}
+
+// queryInt reads an optional integer query parameter; 0 when absent.
+func queryInt(q url.Values, name string, verr *session.ValidationError) int {
+	raw := q.Get(name)
+	if raw == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(raw)
+	if err != nil {
+		verr.Add(name, "must be an integer")
+	}
+	return n
+}
+
+// sessionCookie is the cookie of a newly created session and its max-age.
+func (s *server) sessionCookie(created session.Created) (*http.Cookie, int) {
+	sess := created.Session
+	maxAge := int(sess.CookieExpiresAt.Sub(sess.CreatedAt).Seconds())
+	return s.newCookie(created.Credentials.String(), maxAge), maxAge
+}
+
 type tokenResponse struct {
 	AccessToken      string    `json:"access_token"`
 	TokenType        string    `json:"token_type"`
@@ -275,8 +304,7 @@ func (s *server) handleCreateSession() http.HandlerFunc {
 		}
 		s.metrics.created.Inc()
 		sess := created.Session
-		maxAge := int(sess.CookieExpiresAt.Sub(sess.CreatedAt).Seconds())
-		cookie := s.newCookie(created.Credentials.String(), maxAge)
+		cookie, maxAge := s.sessionCookie(created)
 		w.Header().Set("Cache-Control", "no-store")
 		encode(w, http.StatusCreated, createSessionResponse{
 			SID:                sess.ID,
@@ -324,14 +352,8 @@ func viewSession(sess session.Session, now time.Time) sessionView {
 		RevokeReason:       sess.RevokeReason,
 		Claims:             sess.Claims,
 	}
-	if d := sess.IdleDeadline(); !d.IsZero() {
-		t := timestamp(d)
-		v.IdleExpiresAt = &t
-	}
-	if !sess.RevokedAt.IsZero() {
-		t := timestamp(sess.RevokedAt)
-		v.RevokedAt = &t
-	}
+	v.IdleExpiresAt = optionalTimestamp(sess.IdleDeadline())
+	v.RevokedAt = optionalTimestamp(sess.RevokedAt)
 	return v
 }
 
@@ -346,14 +368,7 @@ func (s *server) handleListSessions() http.HandlerFunc {
 		if !q.Has("subject") {
 			verr.Add("subject", "is required")
 		}
-		limit := 0
-		if raw := q.Get("limit"); raw != "" {
-			n, err := strconv.Atoi(raw)
-			if err != nil {
-				verr.Add("limit", "must be an integer")
-			}
-			limit = n
-		}
+		limit := queryInt(q, "limit", &verr)
 		if err := verr.Err(); err != nil {
 			s.fail(w, r, err)
 			return
@@ -458,14 +473,8 @@ type keyView struct {
 func viewKey(k issuer.KeyStatus) keyView {
 	v := keyView{KID: k.ID, Alg: string(k.Algorithm), State: k.State,
 		CreatedAt: timestamp(k.CreatedAt), ActivatesAt: timestamp(k.ActivatesAt)}
-	if !k.RetiredAt.IsZero() {
-		t := timestamp(k.RetiredAt)
-		v.RetiredAt = &t
-	}
-	if !k.RemoveAt.IsZero() {
-		t := timestamp(k.RemoveAt)
-		v.RemoveAt = &t
-	}
+	v.RetiredAt = optionalTimestamp(k.RetiredAt)
+	v.RemoveAt = optionalTimestamp(k.RemoveAt)
 	return v
 }
 

@@ -97,14 +97,7 @@ func (s *server) handleRevocations() http.HandlerFunc {
 		q := r.URL.Query()
 		var verr session.ValidationError
 		after := parseCursor(q.Get("after"), "after", &verr)
-		limit := 0
-		if raw := q.Get("limit"); raw != "" {
-			n, err := strconv.Atoi(raw)
-			if err != nil {
-				verr.Add("limit", "must be an integer")
-			}
-			limit = n
-		}
+		limit := queryInt(q, "limit", &verr)
 		if err := verr.Err(); err != nil {
 			s.fail(w, r, err)
 			return
